@@ -1,0 +1,411 @@
+"""The clip dataflow: a Ray Dataset of video rows → a Ray Dataset of decoded clip rows.
+
+Each video is spooled to a local file (decord must never open bytes in memory), probed, planned and
+decoded in one sorted pass inside an isolated child process, so a decoder segfault or hang costs one
+error row, not the job. Clip rows stream out as they are assembled; a video that fails becomes a row
+in the errors side output (one small Parquet file per failed video, named by its id so task retries
+overwrite rather than duplicate it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flows import decode, sampling, storage, subtitles
+from flows.isolation import shared_runner
+from flows.media import VideoError, VideoInfo
+from flows.probe import probe
+from flows.pyav_decoder import read_audio
+
+log = logging.getLogger(__name__)
+
+SAMPLINGS = ("uniform", "sliding", "random")
+DECODERS = ("auto", "decord", "pyav")
+ERROR_SCHEMA = pa.schema(
+    [
+        ("video_id", pa.string()),
+        ("uri", pa.string()),
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """What clips to cut from each video and how to decode them.
+
+    `size` is the (height, width) of the decoded frames, resized inside the decoder. `sampling` picks
+    the planner: `uniform` (`clips_per_video` evenly spaced), `sliding` (windows every `stride` output
+    frames covering the whole video, for tagging) or `random` (`clips_per_video` seeded clips, for
+    training). `target_fps` resamples every video to the model's frame rate.
+    """
+
+    clip_len: int = 16
+    size: tuple[int, int] = (112, 112)
+    sampling: str = "uniform"
+    clips_per_video: int = 4
+    stride: int | None = None
+    target_fps: float | None = None
+    seed: int = 0
+    decoder: str = "auto"
+    audio: bool = False
+    audio_rate: int = 16_000
+    subtitles: bool = False
+    timeout_s: float = 600.0
+    idle_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, int):
+            object.__setattr__(self, "size", (self.size, self.size))
+        object.__setattr__(self, "size", tuple(int(s) for s in self.size))
+        checks = [
+            ("clip_len", self.clip_len >= 1, "must be >= 1"),
+            ("size", len(self.size) == 2 and min(self.size) >= 8, "must be (height, width), each >= 8"),
+            ("sampling", self.sampling in SAMPLINGS, f"must be one of {', '.join(SAMPLINGS)}"),
+            ("clips_per_video", self.clips_per_video >= 1, "must be >= 1"),
+            ("stride", self.stride is None or 1 <= self.stride <= self.clip_len, "must be in 1..clip_len"),
+            ("target_fps", self.target_fps is None or self.target_fps > 0, "must be > 0"),
+            ("decoder", self.decoder in DECODERS, f"must be one of {', '.join(DECODERS)}"),
+            ("audio_rate", self.audio_rate >= 1000, "must be >= 1000 Hz"),
+            ("timeout_s", self.timeout_s > 0, "must be > 0"),
+            ("idle_timeout_s", self.idle_timeout_s > 0, "must be > 0"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"clip config: {name}={getattr(self, name)!r} {why}")
+
+    def plan(self, n_frames: int, fps: float, video_key: str) -> list[sampling.ClipPlan]:
+        """The clip plans for one video (pure: the same inputs give the same plans)."""
+        common = {"n_frames": n_frames, "fps": fps, "clip_len": self.clip_len, "target_fps": self.target_fps}
+        if self.sampling == "sliding":
+            return sampling.sliding_windows(**common, stride=self.stride or self.clip_len)
+        if self.sampling == "random":
+            seed = sampling.video_seed(self.seed, video_key)
+            return sampling.random_clips(**common, num_clips=self.clips_per_video, seed=seed)
+        return sampling.uniform_clips(**common, num_clips=self.clips_per_video)
+
+    def audio_samples(self, fps: float) -> int:
+        """Samples of audio carried by every clip: the clip's duration at the output frame rate."""
+        return round(self.audio_rate * self.clip_len / (self.target_fps or fps))
+
+
+@dataclass(frozen=True)
+class VideoRow:
+    """One listed video: the input row of the clip dataflow."""
+
+    video_id: str
+    uri: str
+    size_bytes: int
+    etag: str
+
+
+def list_video_rows(corpus_uri: str) -> list[VideoRow]:
+    """List every video under a folder, `file://` or `s3://` prefix, with its stable id."""
+    return [
+        VideoRow(storage.video_id(obj.uri, obj.etag), obj.uri, obj.size_bytes, obj.etag)
+        for obj in storage.list_videos(corpus_uri)
+    ]
+
+
+def video_dataset(videos: list[VideoRow]) -> Any:
+    """A Ray Dataset of video rows, one block per video (up to 1000 blocks) so decoding spreads out."""
+    import ray.data
+
+    items = [asdict(v) for v in videos]
+    return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
+
+
+# --- per-video work -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Clip:
+    clip_index: int
+    start_s: float
+    end_s: float
+    frames: np.ndarray
+    audio: np.ndarray | None = None
+    text: str | None = None
+
+
+@dataclass
+class _VideoDone:
+    info: VideoInfo
+    planned_frames: int
+    decoded_frames: int
+    clips: int
+
+
+def decode_video(path: str, video_key: str, config: ClipConfig, sidecar_cues: list | None = None) -> Iterator:
+    """Probe, plan and decode one local video file; yields its VideoInfo, then `_Clip`s, then `_VideoDone`.
+
+    Runs inside the isolated decoder process.
+    """
+    info = probe(path)
+    yield info
+    if info.n_frames < 1 or info.fps <= 0:
+        raise VideoError("probe", "NoFrames", f"{path}: no video frames (n_frames={info.n_frames})")
+    plans = config.plan(info.n_frames, info.fps, video_key)
+    cues = sidecar_cues
+    if config.subtitles and cues is None:
+        cues = subtitles.read_embedded_subtitles(path)
+    audio = track_start = None
+    if config.audio:
+        last_s = max(p.end_s for p in plans) + config.clip_len / (config.target_fps or info.fps)
+        track_start = 0.0
+        audio = read_audio(path, 0.0, last_s, config.audio_rate) if info.has_audio else None
+
+    frames = decode.iter_frames(path, info, sampling.needed_frames(plans), config.size, config.decoder)
+    assembly = sampling.assemble_clips(plans, frames)
+    n_clips = 0
+    for clip in assembly:
+        start_s, end_s = float(clip.times_s[0]), float(clip.times_s[-1])
+        out = _Clip(clip.plan.clip_index, start_s, end_s, clip.frames)
+        if config.audio:
+            out.audio = _audio_span(
+                audio, track_start, start_s, config.audio_samples(info.fps), config.audio_rate
+            )
+        if config.subtitles:
+            out.text = subtitles.text_for_span(cues or [], start_s, end_s)
+        n_clips += 1
+        yield out
+    planned, decoded = assembly_counts(assembly)
+    yield _VideoDone(info, planned, decoded, n_clips)
+
+
+def assembly_counts(assembly: Any) -> tuple[int, int]:
+    """(frames planned, frames that arrived) of a finished clip assembly."""
+    return assembly.planned_frames, assembly.decoded_frames
+
+
+def _audio_span(
+    track: np.ndarray | None, track_start_s: float | None, start_s: float, n_samples: int, rate: int
+) -> np.ndarray:
+    """A fixed-length mono slice of the decoded track starting at start_s; silence where there is none."""
+    out = np.zeros(n_samples, dtype=np.float32)
+    if track is None or track_start_s is None:
+        return out
+    first = max(0, round((start_s - track_start_s) * rate))
+    piece = track[first : first + n_samples]
+    out[: len(piece)] = piece
+    return out
+
+
+# A generator run in the isolated process: (local path, video key, config, sidecar cues) → VideoInfo,
+# clips, then a _VideoDone. Replaceable, e.g. to wrap the decoder or to inject faults in tests.
+DecodeFn = Callable[[str, str, ClipConfig, "list | None"], Iterator[Any]]
+
+
+@dataclass
+class VideoResult:
+    """What happened to one video: its probe (when it got that far) and the error, if any."""
+
+    row: VideoRow
+    info: VideoInfo | None = None
+    clips: int = 0
+    error: VideoError | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def iter_video_clips(
+    row: VideoRow,
+    config: ClipConfig,
+    result: VideoResult | None = None,
+    decode_fn: DecodeFn = decode_video,
+) -> Iterator[dict[str, Any]]:
+    """Clip rows of one video, decoded by `decode_fn` in the shared isolated decoder process.
+
+    Raises VideoError when the video cannot be read; clips yielded before the failure stand.
+    `result`, when given, is filled with the probe and the clip count.
+    """
+    result = result or VideoResult(row)
+    try:
+        sidecar = _sidecar_cues(row.uri) if config.subtitles else None
+        with storage.local_copy(row.uri) as path:
+            items = shared_runner().iter(
+                decode_fn,
+                path,
+                row.video_id,
+                config,
+                sidecar,
+                timeout_s=config.timeout_s,
+                idle_timeout_s=config.idle_timeout_s,
+            )
+            for item in items:
+                if isinstance(item, VideoInfo):
+                    result.info = item
+                elif isinstance(item, _VideoDone):
+                    _check_truncation(row, item)
+                else:
+                    result.clips += 1
+                    yield _clip_row(row, item, config)
+    except VideoError as err:
+        if not err.message.startswith(row.uri):
+            err = VideoError(err.stage, err.error_type, f"{row.uri}: {err.message}")
+        raise err from None
+    except (OSError, PermissionError) as err:
+        raise VideoError("read", type(err).__name__, f"{row.uri}: {err}") from None
+
+
+def _check_truncation(row: VideoRow, done: _VideoDone) -> None:
+    """A video whose stream ends long before its probed length is reported, after its readable clips."""
+    if done.clips == 0:
+        raise VideoError(
+            "decode",
+            "NoFrames",
+            f"{row.uri}: none of the {done.planned_frames} planned frames decoded "
+            f"(container says {done.info.n_frames} frames: truncated or undecodable)",
+        )
+    missing = done.planned_frames - done.decoded_frames
+    if missing > max(2, 0.1 * done.planned_frames):
+        raise VideoError(
+            "decode",
+            "TruncatedVideo",
+            f"{row.uri}: decoded {done.decoded_frames} of {done.planned_frames} planned frames "
+            f"(container says {done.info.n_frames} frames); kept {done.clips} clips",
+        )
+
+
+def _sidecar_cues(video_uri: str) -> list | None:
+    """Cues of a sidecar .srt/.vtt beside the video, or None when there is none."""
+    return subtitles.load_sidecar(video_uri, _read_if_exists)
+
+
+def _read_if_exists(uri: str) -> bytes | None:
+    return storage.read_bytes(uri) if storage.exists(uri) else None
+
+
+def _clip_row(row: VideoRow, clip: _Clip, config: ClipConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "video_id": row.video_id,
+        "uri": row.uri,
+        "clip_index": clip.clip_index,
+        "start_s": clip.start_s,
+        "end_s": clip.end_s,
+        "frames": clip.frames,
+    }
+    if config.audio:
+        out["audio"] = clip.audio
+    if config.subtitles:
+        out["text"] = clip.text or ""
+    return out
+
+
+# --- the Ray Data stage -----------------------------------------------------------------------------
+
+
+class ErrorSink:
+    """Writes error rows to a folder or S3 prefix, one Parquet file per failed video (idempotent)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def write(self, row: VideoRow, error: VideoError) -> None:
+        table = pa.Table.from_pylist(
+            [{"video_id": row.video_id, "uri": row.uri, **error.as_row()}], schema=ERROR_SCHEMA
+        )
+        fs, path = storage.arrow_filesystem(storage.join_uri(self.uri, f"{row.video_id}.parquet"))
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(table, path, filesystem=fs)
+
+
+def read_errors(uri: str) -> pa.Table:
+    """Every error row written under `uri` (an empty table when there are none)."""
+    files = storage.list_files(uri, suffix=".parquet") if storage.exists(uri) else []
+    if not files:
+        return ERROR_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(storage.open_uri(f)) for f in files])
+
+
+def _clips_udf(
+    batch: dict[str, np.ndarray], config: ClipConfig, errors_uri: str, decode_fn: DecodeFn
+) -> Iterator[pa.Table]:
+    """map_batches UDF: one video row in, its clips out a few at a time (bounded memory)."""
+    sink = ErrorSink(errors_uri)
+    for i in range(len(batch["uri"])):
+        row = VideoRow(**{k: _scalar(batch[k][i]) for k in ("video_id", "uri", "size_bytes", "etag")})
+        pending: list[dict[str, Any]] = []
+        try:
+            for clip in iter_video_clips(row, config, decode_fn=decode_fn):
+                pending.append(clip)
+                if len(pending) >= CLIPS_PER_OUTPUT_BATCH:
+                    yield _clip_table(pending)
+                    pending = []
+        except VideoError as err:
+            log.warning("%s: %s", err.error_type, err.message)
+            sink.write(row, err)
+        if pending:
+            yield _clip_table(pending)
+
+
+CLIPS_PER_OUTPUT_BATCH = 8
+
+
+def _scalar(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _clip_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Clip rows as an Arrow table with a fixed schema: frames a tensor column, audio a float list.
+
+    Audio is a list column because its length follows each video's frame rate (unless the config
+    resamples), and Parquet files of one output must share a schema to be read back together.
+    """
+    from ray.data.extensions import ArrowTensorArray
+
+    columns: dict[str, Any] = {
+        "video_id": pa.array([r["video_id"] for r in rows], pa.string()),
+        "uri": pa.array([r["uri"] for r in rows], pa.string()),
+        "clip_index": pa.array([r["clip_index"] for r in rows], pa.int32()),
+        "start_s": pa.array([r["start_s"] for r in rows], pa.float64()),
+        "end_s": pa.array([r["end_s"] for r in rows], pa.float64()),
+        "frames": ArrowTensorArray.from_numpy(np.stack([r["frames"] for r in rows])),
+    }
+    if "audio" in rows[0]:
+        columns["audio"] = pa.array([r["audio"] for r in rows], pa.list_(pa.float32()))
+    if "text" in rows[0]:
+        columns["text"] = pa.array([r["text"] for r in rows], pa.string())
+    return pa.table(columns)
+
+
+def clip_dataset(
+    videos: Any,
+    config: ClipConfig,
+    errors_uri: str,
+    num_cpus: float = 1.0,
+    decode_fn: DecodeFn = decode_video,
+) -> Any:
+    """Ray Dataset of video rows → lazy Ray Dataset of clip rows; failures go to `errors_uri`.
+
+    Clip rows: {video_id, uri, clip_index, start_s, end_s, frames uint8[T,H,W,3]} plus `audio`
+    float32[S] when `config.audio` and `text` when `config.subtitles`. `start_s`/`end_s` are the
+    decoded times of the clip's first and last frame, in seconds from the video's first frame.
+    """
+    return videos.map_batches(
+        _clips_udf,
+        batch_size=1,
+        fn_kwargs={"config": config, "errors_uri": errors_uri, "decode_fn": decode_fn},
+        num_cpus=num_cpus,
+    )
+
+
+def corpus_clips(corpus_uri: str, config: ClipConfig, errors_uri: str) -> tuple[Any, list[VideoRow]]:
+    """List a corpus and return (lazy clip dataset, the listed videos)."""
+    videos = list_video_rows(corpus_uri)
+    if not videos:
+        raise FileNotFoundError(f"{corpus_uri}: no video files found")
+    return clip_dataset(video_dataset(videos), config, errors_uri), videos
+
+
+def with_overrides(config: ClipConfig, **overrides: Any) -> ClipConfig:
+    """A copy of `config` with the given fields replaced (validated again)."""
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,155 @@
+"""The decoding policy: which backend reads a video, with fallbacks, and frames that come out upright.
+
+decord is about 1.4× faster than PyAV where it is right, but returns wrong frames without raising on
+several kinds of real file. So it is used only for videos a PyAV probe clears (`choose_decoder`) and
+whose packet layout keeps its seeks exact; PyAV, the reference, reads everything else and takes over
+whenever decord fails to open, miscounts the frames, or raises part way (never yielding an index twice).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from flows import decord_decoder, pyav_decoder
+from flows.media import DecodedFrame, VideoError, VideoInfo
+from flows.probe import quarter_turns
+from flows.pyav_decoder import FrameTable, validate_indices, validate_size
+
+log = logging.getLogger(__name__)
+
+DECODERS = ("auto", "decord", "pyav")
+# Containers with a frame index that decord reads right (MPEG-TS is not one: it shifts HEVC frames
+# and over-counts a stream cut mid-GOP).
+DECORD_CONTAINERS = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi"})
+# Codecs whose decord frames matched PyAV's frame for frame on the real and generated test files.
+# VVC is left out: decord's random access is off by several frames on it.
+DECORD_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "h263", "mjpeg"})
+DECORD_PIX_FMTS = frozenset(
+    {
+        "yuv420p",
+        "yuvj420p",
+        "yuv422p",
+        "yuvj422p",
+        "yuv444p",
+        "yuvj444p",
+        "yuv420p10le",
+        "yuv422p10le",
+        "yuv444p10le",
+        "nv12",
+    }
+)
+# A header frame count may exceed duration × fps by rounding only; it may fall short by the audio
+# that outlasts the video (up to this many seconds, or this fraction of the duration).
+COUNT_SLACK_S = 2.0
+COUNT_SLACK_FRACTION = 0.05
+
+
+def choose_decoder(info: VideoInfo) -> tuple[str, str]:
+    """("decord" | "pyav", why) for a probed video, from its stream facts alone."""
+    if info.container not in DECORD_CONTAINERS:
+        return "pyav", f"container {info.container} is not MP4/MOV/MKV/WebM/AVI"
+    if info.n_video_streams != 1:
+        return "pyav", f"{info.n_video_streams} video streams (decord may read another one)"
+    if info.interlaced:
+        return "pyav", "interlaced (decord returns each field as a frame)"
+    if info.video_codec not in DECORD_CODECS:
+        return "pyav", f"codec {info.video_codec} not verified with decord"
+    if info.pix_fmt and info.pix_fmt not in DECORD_PIX_FMTS:
+        return "pyav", f"pixel format {info.pix_fmt} not verified with decord"
+    if info.n_frames < 1 or info.fps <= 0 or info.duration_s <= 0:
+        return "pyav", "no usable frame count, frame rate or duration"
+    expected = info.duration_s * info.fps
+    if info.frames_from_header:
+        slack = max(COUNT_SLACK_S * info.fps, COUNT_SLACK_FRACTION * expected)
+        if not expected - slack - 1 <= info.n_frames <= expected + 1:
+            return "pyav", f"header says {info.n_frames} frames, duration × fps says {expected:.1f}"
+        return "decord", "cleared by probe (header frame count consistent)"
+    # No header count (Matroska, fragmented MP4): decord counts packets when it opens the file, and
+    # that count must agree with the duration × fps estimate (`_decord_count_problem`).
+    return "decord", "cleared by probe (frame count estimated, checked against decord's count)"
+
+
+def iter_frames(
+    path: str,
+    info: VideoInfo,
+    indices: Iterable[int],
+    size: Sequence[int] | None = None,
+    decoder: str = "auto",
+) -> Iterator[DecodedFrame]:
+    """Read the requested frames of a local file upright, resized in the decoder, in one sorted pass.
+
+    `size` is the (height, width) of the upright output. `decoder="auto"` applies the routing policy;
+    "pyav" or "decord" force a backend, but a forced decord still hands over to PyAV when it cannot
+    open the file, miscounts its frames or fails part way, since a video must never be lost.
+    """
+    wanted = validate_indices(indices)
+    out_size = validate_size(size)
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder: must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    return _iter_upright(path, info, wanted, out_size, decoder)
+
+
+def _iter_upright(
+    path: str, info: VideoInfo, wanted: list[int], size: tuple[int, int] | None, decoder: str
+) -> Iterator[DecodedFrame]:
+    quarter = quarter_turns(info.rotation)
+    # The backends decode as coded: for a quarter turn they produce the transposed size.
+    coded = size if size is None or quarter % 2 == 0 else (size[1], size[0])
+    if decoder == "auto":
+        backend, reason = choose_decoder(info)
+    else:
+        backend, reason = decoder, "forced"
+    log.debug("%s: decoding with %s: %s", path, backend, reason)
+    if not wanted:
+        return
+    if backend == "decord":
+        frames = _decord_with_fallback(path, info, wanted, coded, check_seeks=decoder == "auto")
+    else:
+        frames = pyav_decoder.iter_frames(path, wanted, coded, info)
+    for frame in frames:
+        if quarter:
+            frame = frame._replace(image=np.ascontiguousarray(np.rot90(frame.image, quarter)))
+        yield frame
+
+
+def _decord_with_fallback(
+    path: str, info: VideoInfo, wanted: list[int], size: tuple[int, int] | None, check_seeks: bool
+) -> Iterator[DecodedFrame]:
+    table = pyav_decoder.scan(path, info)
+    if check_seeks and not table.closed_gops and wanted != list(range(len(wanted))):
+        # decord indexes keyframes by decode order: with open GOPs its seeks land a frame off.
+        log.debug("%s: switching to pyav: open GOPs and a sparse read (decord would seek)", path)
+        yield from pyav_decoder.iter_frames(path, wanted, size, info, table=table)
+        return
+    try:
+        reader = decord_decoder.open_reader(path, size, info.rotation)
+        problem = _decord_count_problem(len(reader), info, table)
+    except VideoError as err:
+        problem = err.message
+    if problem:
+        log.debug("%s: switching to pyav before any frame: %s", path, problem)
+        yield from pyav_decoder.iter_frames(path, wanted, size, info, table=table)
+        return
+    done = -1
+    try:
+        for frame in decord_decoder.iter_frames(path, wanted, size, info, reader=reader):
+            yield frame
+            done = frame.index
+    except VideoError as err:
+        rest = [i for i in wanted if i > done]
+        log.debug("%s: pyav resumes at frame %s: %s", path, rest[0] if rest else "-", err.message)
+        yield from pyav_decoder.iter_frames(path, rest, size, info, table=table)
+
+
+def _decord_count_problem(n_decord: int, info: VideoInfo, table: FrameTable) -> str | None:
+    """Why decord's frame count cannot be trusted for this file, or None when it agrees."""
+    if n_decord != table.n_packets:
+        return f"decord counts {n_decord} frames, the file holds {table.n_packets} video packets"
+    if info.frames_from_header and n_decord != info.n_frames:
+        return f"decord counts {n_decord} frames, the header says {info.n_frames}"
+    if abs(n_decord - info.n_frames) > max(2, 0.01 * info.n_frames):
+        return f"decord counts {n_decord} frames, duration × fps says about {info.n_frames}"
+    return None

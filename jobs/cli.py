@@ -1,0 +1,189 @@
+"""The `reelflow` command: one subcommand per job. Heavy imports happen inside each command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from flows import storage
+    from flows.isolation import shared_runner
+    from flows.media import VideoError
+
+    def probe_one(uri: str) -> dict:
+        out: dict = {"uri": uri, "ok": False, "error": None}
+        try:
+            with storage.local_copy(uri) as path:
+                (info,) = list(shared_runner().iter(_probe_in_child, path, timeout_s=args.timeout))
+            out.update(ok=True, **{k: getattr(info, k) for k in PROBE_FIELDS})
+        except VideoError as err:
+            out["error"] = f"{err.error_type}: {err.message}"
+        except OSError as err:
+            out["error"] = f"{type(err).__name__}: {err}"
+        return out
+
+    failed = 0
+    for uri in args.uris:
+        targets = [obj.uri for obj in storage.list_videos(uri)] if storage.is_dir(uri) else [uri]
+        for target in targets:
+            row = probe_one(target)
+            failed += not row["ok"]
+            print(json.dumps(row), flush=True)
+    return 1 if failed and args.strict else 0
+
+
+PROBE_FIELDS = (
+    "container", "video_codec", "width", "height", "rotation", "fps",
+    "n_frames", "duration_s", "has_audio", "audio_sample_rate",
+)  # fmt: skip
+
+
+def _probe_in_child(path: str):
+    from flows.probe import probe
+
+    yield probe(path)
+
+
+def _make_corpus(args: argparse.Namespace) -> int:
+    from jobs import make_corpus
+
+    config = make_corpus.CorpusConfig(
+        out=args.out,
+        videos=args.videos,
+        seed=args.seed,
+        broken=args.broken,
+        size=args.size,
+        duration_s=args.duration,
+        fps=args.fps,
+        audio=not args.no_audio,
+        subtitle_fraction=args.subtitle_fraction,
+    )
+    print(make_corpus.main(config))
+    return 0
+
+
+def _clip_config(args: argparse.Namespace):
+    from flows.clips import ClipConfig
+
+    sampling = args.sampling or ("sliding" if args.stride else "uniform")
+    return ClipConfig(
+        clip_len=args.clip_len,
+        size=(args.size, args.size),
+        sampling=sampling,
+        clips_per_video=args.clips_per_video or 4,
+        stride=args.stride,
+        target_fps=args.fps,
+        seed=args.seed,
+        decoder=args.decoder,
+        audio=args.audio,
+        subtitles=args.subtitles,
+    )
+
+
+def _clips(args: argparse.Namespace) -> int:
+    from jobs import clips
+
+    summary = clips.main(clips.ClipsJobConfig(corpus=args.corpus, out=args.out, clips=_clip_config(args)))
+    return 0 if summary.clips or not summary.videos else 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.what == "models":
+        from jobs import bench_models
+
+        kwargs = {"batch_size": args.batch_size, "threads": args.threads}
+        if args.models:
+            kwargs["models"] = tuple(args.models.split(","))
+        bench_models.main(bench_models.BenchModelsConfig(**kwargs))
+    else:
+        from jobs import bench_decode
+
+        kwargs = {"videos": args.videos} if args.videos else {}
+        bench_decode.main(bench_decode.BenchDecodeConfig(corpus=args.corpus, **kwargs))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from jobs import demo
+
+    demo.main(demo.DemoConfig(workdir=args.workdir, videos=args.videos))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="reelflow", description="Batch video analytics on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("probe", help="print one JSON object of stream facts per video")
+    p.add_argument("uris", nargs="+", metavar="URI", help="video files, folders or s3:// URIs")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds allowed per video")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any video is unreadable")
+    p.set_defaults(func=_probe)
+
+    p = sub.add_parser("make-corpus", help="write a synthetic labelled corpus of real H.264/AAC videos")
+    p.add_argument("out", help="folder or s3:// prefix")
+    p.add_argument("--videos", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--broken", type=int, default=0, help="add this many unreadable files of different kinds")
+    p.add_argument("--size", type=int, default=128, help="frame width and height in pixels")
+    p.add_argument("--duration", type=float, default=6.0, help="seconds per video")
+    p.add_argument("--fps", type=int, default=15)
+    p.add_argument("--subtitle-fraction", type=float, default=0.5, help="share of videos with a .srt sidecar")
+    p.add_argument("--no-audio", action="store_true")
+    p.set_defaults(func=_make_corpus)
+
+    p = sub.add_parser("clips", help="decode a corpus into clip rows (Parquet) and error rows")
+    p.add_argument("corpus", help="folder or s3:// prefix holding videos")
+    p.add_argument("--out", required=True, help="folder or s3:// prefix for clips/ and errors/")
+    p.add_argument("--clip-len", type=int, default=16, help="frames per clip")
+    p.add_argument("--size", type=int, default=112, help="frame height and width, resized in the decoder")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--clips-per-video", type=int, help="N evenly spaced (or random) clips per video")
+    group.add_argument("--stride", type=int, help="sliding windows every K output frames, covering the video")
+    p.add_argument("--sampling", choices=("uniform", "sliding", "random"))
+    p.add_argument("--fps", type=float, help="resample every video to this frame rate")
+    p.add_argument("--seed", type=int, default=0, help="seed for random sampling")
+    p.add_argument("--decoder", choices=("auto", "decord", "pyav"), default="auto")
+    p.add_argument("--audio", action="store_true", help="add each clip's mono audio")
+    p.add_argument("--subtitles", action="store_true", help="add each clip's subtitle text")
+    p.set_defaults(func=_clips)
+
+    p = sub.add_parser("bench", help="benchmarks that print ratios against a limit or a peer")
+    p.add_argument("what", choices=("models", "decode"))
+    p.add_argument("--batch-size", type=int, default=8, help="models: clips per forward pass")
+    p.add_argument("--models", help="models: comma-separated names")
+    p.add_argument("--threads", type=int, help="models: torch threads (default: torch's own)")
+    p.add_argument("--corpus", help="decode: an existing corpus instead of a generated one")
+    p.add_argument("--videos", type=int, help="decode: videos in the generated corpus")
+    p.set_defaults(func=_bench)
+
+    p = sub.add_parser("demo", help="the main job on the embedded default, all state in one folder")
+    p.add_argument("--workdir", default="reelflow-demo", help="folder holding every artefact of the demo")
+    p.add_argument("--videos", type=int, default=48)
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `reelflow` console command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, PermissionError) as err:
+        print(f"reelflow {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

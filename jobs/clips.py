@@ -1,0 +1,67 @@
+"""`reelflow clips`: a corpus's decoded clips to Parquet, and its unreadable videos to an errors table."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from flows import storage
+from flows.clips import ClipConfig, corpus_clips, read_errors
+from jobs.runtime import console, init_ray
+
+
+@dataclass(frozen=True)
+class ClipsJobConfig:
+    """Where to read videos and write clips, and how to cut them."""
+
+    corpus: str
+    out: str
+    clips: ClipConfig = field(default_factory=ClipConfig)
+    ray_address: str | None = None
+
+
+@dataclass(frozen=True)
+class ClipsSummary:
+    videos: int
+    clips: int
+    errors: int
+    seconds: float
+
+    @property
+    def clips_per_s(self) -> float:
+        return self.clips / self.seconds if self.seconds else 0.0
+
+
+def main(config: ClipsJobConfig) -> ClipsSummary:
+    """Decode every video under `config.corpus`; clips go to OUT/clips/, failures to OUT/errors/."""
+    init_ray(config.ray_address)
+    clips_uri = storage.join_uri(config.out, "clips")
+    errors_uri = storage.join_uri(config.out, "errors")
+    for stale in (clips_uri, errors_uri):
+        if storage.exists(stale):
+            storage.remove(stale, recursive=True)
+
+    started = time.perf_counter()
+    clips, videos = corpus_clips(config.corpus, config.clips, errors_uri)
+    console.print(f"[bold]clips[/]: {len(videos)} videos under {config.corpus} → {config.out}")
+    fs, path = storage.arrow_filesystem(clips_uri)
+    clips.write_parquet(path, filesystem=fs)
+    seconds = time.perf_counter() - started
+
+    n_clips = _count_rows(clips_uri)
+    summary = ClipsSummary(len(videos), n_clips, read_errors(errors_uri).num_rows, seconds)
+    console.print(
+        f"[bold green]done[/]: {summary.videos} videos, {summary.clips} clips, {summary.errors} errors "
+        f"in {summary.seconds:.1f} s ({summary.clips_per_s:.1f} clips/s)"
+    )
+    return summary
+
+
+def _count_rows(uri: str) -> int:
+    import pyarrow.parquet as pq
+
+    if not storage.exists(uri):
+        return 0
+    return sum(
+        pq.ParquetFile(storage.open_uri(f)).metadata.num_rows for f in storage.list_files(uri, ".parquet")
+    )

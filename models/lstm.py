@@ -1,0 +1,144 @@
+"""CNN-LSTM: a per-frame 2D CNN, then a (bi)LSTM over time (the ConvNet+LSTM baseline of Carreira & Zisserman
+2017). Gives clip-level outputs for every head and per-timestep logits for action segments."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from models.heads import Heads
+from models.spec import KINETICS_MEAN, KINETICS_STD, ModelSpec, resolve_heads
+
+
+class FrameEncoder(nn.Module):
+    """Conv 3×3 → BatchNorm → ReLU → 2×2 max-pool per stage, then a global average: [N, 3, H, W] → [N, C].
+
+    The first convolution has stride `stem_stride` (a strided stem, as in most ImageNet CNNs): most of a
+    small CNN's time goes to normalization and pooling at full resolution, not to its convolutions.
+    """
+
+    def __init__(self, channels: Sequence[int], stem_stride: int = 2) -> None:
+        super().__init__()
+        if not channels or min(channels) < 1:
+            raise ValueError(
+                f"cnn_lstm: channels={list(channels)} must be positive widths, at least one stage"
+            )
+        layers: list[nn.Module] = []
+        cin = 3
+        for i, cout in enumerate(channels):
+            layers += [
+                nn.Conv2d(cin, cout, 3, stride=stem_stride if i == 0 else 1, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            cin = cout
+        self.stages = nn.Sequential(*layers)
+        self.out_dim = cin
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        frames = frames.contiguous(memory_format=torch.channels_last)
+        return self.stages(frames).mean(dim=(2, 3))
+
+
+class CNNLSTM(nn.Module):
+    """[B, 3, T, H, W] → per-frame embeddings → LSTM → per-step features [B, T, D] and their time mean."""
+
+    has_steps = True  # encode() also returns per-step features
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        channels: Sequence[int] = (16, 32, 64, 128),
+        stem_stride: int = 2,
+        hidden: int = 128,
+        num_layers: int = 1,
+        bidirectional: bool = True,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if min(spec.frame_size) < stem_stride * 2 ** len(channels):
+            raise ValueError(
+                f"cnn_lstm: frame_size {spec.frame_size} is too small for {len(channels)} 2×2 pools"
+            )
+        self.spec = spec
+        self.encoder = FrameEncoder(channels, stem_stride)
+        self.encoder.to(memory_format=torch.channels_last)
+        self.lstm = nn.LSTM(
+            self.encoder.out_dim, hidden, num_layers=num_layers, batch_first=True, bidirectional=bidirectional
+        )
+        self.feature_dim = hidden * (2 if bidirectional else 1)
+        self.dropout = nn.Dropout(dropout)
+        self.heads = Heads(self.feature_dim, spec.heads, spec.step_heads)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clip embedding [B, D], per-step embeddings [B, T, D])."""
+        self.spec.check_video(
+            x, exact=False
+        )  # any clip length and frame size work; the spec says which to use
+        b, c, t, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        per_frame = self.encoder(frames).reshape(b, t, -1)
+        steps, _ = self.lstm(per_frame)
+        steps = self.dropout(steps)
+        return steps.mean(dim=1), steps
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The clip embedding: LSTM outputs averaged over time, [B, D]."""
+        return self.encode(x)[0]
+
+    def forward(self, x: torch.Tensor, with_features: bool = False) -> dict[str, torch.Tensor]:
+        """x: [B, 3, T, H, W] → {head: logits [B, K] or score [B], "<step head>_steps": logits [B, T, K]}."""
+        pooled, steps = self.encode(x)
+        out = self.heads(pooled, steps)
+        if with_features:
+            out["features"] = pooled
+        return out
+
+
+def cnn_lstm(
+    num_classes: int | None = None,
+    heads: Mapping[str, Sequence[str]] | None = None,
+    *,
+    step_heads: Sequence[str] | None = None,
+    clip_len: int = 16,
+    frame_size: Sequence[int] = (64, 64),
+    fps: float = 15.0,
+    mean: Sequence[float] = KINETICS_MEAN,
+    std: Sequence[float] = KINETICS_STD,
+    channels: Sequence[int] = (16, 32, 64, 128),
+    stem_stride: int = 2,
+    hidden: int = 128,
+    num_layers: int = 1,
+    bidirectional: bool = True,
+    dropout: float = 0.2,
+) -> CNNLSTM:
+    """CNN-LSTM with an "action" head by default; `step_heads` (default: "action" if present) also give
+    per-timestep logits."""
+    resolved = resolve_heads(heads, num_classes, "action")
+    if step_heads is None:
+        step_heads = ("action",) if "action" in resolved else ()
+    spec = ModelSpec(
+        name="cnn_lstm",
+        clip_len=clip_len,
+        frame_size=tuple(frame_size),
+        fps=fps,
+        mean=tuple(mean),
+        std=tuple(std),
+        heads=resolved,
+        step_heads=tuple(step_heads),
+    )
+    return CNNLSTM(
+        spec,
+        channels,
+        stem_stride=stem_stride,
+        hidden=hidden,
+        num_layers=num_layers,
+        bidirectional=bidirectional,
+        dropout=dropout,
+    )

@@ -1,0 +1,199 @@
+"""The clip dataflow on real Ray: real videos in, clip rows and error rows out."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import av
+import cloudpickle
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray.cloudpickle
+
+from flows import storage
+from flows.clips import (
+    ClipConfig,
+    clip_dataset,
+    corpus_clips,
+    decode_video,
+    list_video_rows,
+    read_errors,
+    video_dataset,
+)
+from jobs import make_corpus
+
+# The fault-injecting decoder below runs on Ray workers (pickled by Ray's vendored cloudpickle) and in the
+# isolated decoder process (pickled by cloudpickle), where this test module cannot be imported.
+for _pickler in (cloudpickle, ray.cloudpickle):
+    _pickler.register_pickle_by_value(sys.modules[__name__])
+
+SMALL = ClipConfig(clip_len=4, size=(32, 32), clips_per_video=2)
+BROKEN_IN_SHARED = {"moviepy/result.webm", "file-type/fixture-corrupt.mkv", "mediabunny/annex-b.mp4"}
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated corpus: 6 labelled videos and 3 broken files of different kinds."""
+    out = tmp_path_factory.mktemp("corpus")
+    make_corpus.main(make_corpus.CorpusConfig(out=str(out), videos=6, seed=3, broken=3, size=64, duration_s=3.0))
+    return out
+
+
+def collect(dataset: Any) -> list[dict[str, Any]]:
+    rows = [row for batch in dataset.iter_batches(batch_size=None, batch_format="pandas") for row in _rows(batch)]
+    return sorted(rows, key=lambda r: (r["uri"], r["clip_index"]))
+
+
+def _rows(frame: Any) -> Iterator[dict[str, Any]]:
+    yield from frame.to_dict("records")
+
+
+def test_shared_videos_give_clips_or_error_rows(ray_session: None, shared_videos: Path, tmp_path: Path) -> None:
+    clips, videos = corpus_clips(str(shared_videos), SMALL, str(tmp_path / "errors"))
+    rows = collect(clips)
+    errors = read_errors(str(tmp_path / "errors")).to_pylist()
+
+    failed = {Path(e["uri"]).relative_to(shared_videos).as_posix(): e for e in errors}
+    assert set(failed) == BROKEN_IN_SHARED
+    assert all(e["message"].startswith(e["uri"]) and e["error_type"] for e in errors)
+    assert failed["moviepy/result.webm"]["error_type"] == "EmptyFile"
+
+    per_video: dict[str, int] = {}
+    for row in rows:
+        per_video[row["uri"]] = per_video.get(row["uri"], 0) + 1
+        assert np.asarray(row["frames"]).shape == (4, 32, 32, 3)
+        assert 0 <= row["start_s"] <= row["end_s"]
+    good = {v.uri for v in videos} - {e["uri"] for e in errors}
+    assert per_video == dict.fromkeys(good, 2)
+
+
+def test_local_and_s3_corpora_give_the_same_clips(ray_session: None, corpus: Path, s3_bucket: str) -> None:
+    storage.upload_dir(str(corpus), f"{s3_bucket}/corpus")
+    results = {}
+    for name, uri in (("local", str(corpus)), ("s3", f"{s3_bucket}/corpus")):
+        errors_uri = storage.join_uri(str(corpus.parent), f"errors-{name}") if name == "local" else f"{s3_bucket}/e"
+        clips, _ = corpus_clips(uri, SMALL, errors_uri)
+        rows = collect(clips)
+        results[name] = (
+            {(Path(r["uri"]).name, r["clip_index"]): np.asarray(r["frames"]) for r in rows},
+            sorted(Path(e["uri"]).name for e in read_errors(errors_uri).to_pylist()),
+        )
+    local_clips, local_errors = results["local"]
+    s3_clips, s3_errors = results["s3"]
+    assert local_errors == s3_errors and len(local_errors) == 3
+    assert local_clips.keys() == s3_clips.keys() and len(local_clips) == 6 * 2
+    for key, frames in local_clips.items():
+        np.testing.assert_array_equal(frames, s3_clips[key])
+
+
+def test_broken_files_become_error_rows_and_good_videos_keep_all_clips(
+    ray_session: None, corpus: Path, tmp_path: Path
+) -> None:
+    config = ClipConfig(clip_len=8, size=(48, 48), sampling="sliding", stride=8, audio=True, subtitles=True)
+    clips, videos = corpus_clips(str(corpus), config, str(tmp_path / "errors"))
+    rows = collect(clips)
+    errors = read_errors(str(tmp_path / "errors")).to_pylist()
+    labels = pq.read_table(corpus / "labels.parquet").to_pylist()
+
+    assert len(errors) == 3 and len({e["error_type"] for e in errors}) >= 2
+    assert {Path(e["uri"]).name for e in errors}.isdisjoint(label["file"] for label in labels)
+    by_video: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_video.setdefault(Path(row["uri"]).name, []).append(row)
+    assert set(by_video) == {Path(label["file"]).name for label in labels}
+    for label in labels:
+        video_rows = by_video[Path(label["file"]).name]
+        # sliding windows cover the whole video: first frame at 0 s, last window ends on the last frame
+        assert video_rows[0]["start_s"] == 0.0
+        assert video_rows[-1]["end_s"] == pytest.approx(label["duration_s"] - 1 / label["fps"], abs=1e-3)
+        assert all(len(r["audio"]) == round(16000 * 8 / label["fps"]) for r in video_rows)
+        assert np.abs(np.concatenate([r["audio"] for r in video_rows])).max() > 0.01  # real sound, not padding
+        if label["has_subtitles"]:
+            assert any(r["text"] for r in video_rows)
+        else:
+            assert not any(r["text"] for r in video_rows)
+
+
+def test_variable_frame_rate_clip_times_match_frame_timestamps(ray_session: None, shared_videos: Path) -> None:
+    path = shared_videos / "media" / "sample_android_slow_motion.mp4"
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        pts = [float(f.pts * stream.time_base) for f in container.decode(stream)]
+    times = [t - pts[0] for t in pts]
+    config = ClipConfig(clip_len=2, size=(32, 32), sampling="sliding", stride=2)
+    rows = collect(clip_dataset(video_dataset(list_video_rows(str(path))), config, "/nonexistent-unused"))
+    assert len(rows) == 4  # 7 frames → windows at 0, 2, 4 and one aligned to the end
+    for row in rows:
+        first = times.index(min(times, key=lambda t: abs(t - row["start_s"])))
+        assert row["start_s"] == pytest.approx(times[first], abs=1e-6)
+        assert row["end_s"] == pytest.approx(times[first + 1], abs=1e-6)
+    gaps = np.diff(times)
+    assert gaps.max() > 3 * gaps.min()  # the file really is variable frame rate
+
+
+def faulty_decoder(path: str, video_key: str, config: ClipConfig, sidecar: list | None = None) -> Iterator[Any]:
+    """Decodes normally, except that files named *crash* segfault and files named *hang* never return."""
+    name = os.path.basename(path)
+    if "crash" in name:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if "hang" in name:
+        time.sleep(3600)
+    yield from decode_video(path, video_key, config, sidecar)
+
+
+def test_decoder_crash_and_hang_become_error_rows(ray_session: None, shared_videos: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    source = shared_videos / "mmaction2" / "test.mp4"
+    for name in ("a-good.mp4", "b-crash.mp4", "c-hang.mp4", "d-good.mp4"):
+        shutil.copy(source, folder / name)
+    config = ClipConfig(clip_len=4, size=(32, 32), clips_per_video=2, timeout_s=60, idle_timeout_s=5)
+    errors_uri = str(tmp_path / "errors")
+    rows = collect(
+        clip_dataset(video_dataset(list_video_rows(str(folder))), config, errors_uri, decode_fn=faulty_decoder)
+    )
+    errors = {Path(e["uri"]).name: e for e in read_errors(errors_uri).to_pylist()}
+    assert errors["b-crash.mp4"]["error_type"] == "DecoderCrashed"
+    assert errors["c-hang.mp4"]["error_type"] == "DecoderTimeout"
+    assert sorted({Path(r["uri"]).name for r in rows}) == ["a-good.mp4", "d-good.mp4"]
+    assert len(rows) == 4
+
+
+def test_clips_command_writes_clips_and_errors(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "clips", str(corpus), "--out", str(out), "--clip-len", "4",
+         "--size", "32", "--clips-per-video", "3", "--decoder", "pyav"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    clips = pq.read_table(out / "clips")
+    assert clips.num_rows == 6 * 3
+    assert set(clips.column_names) >= {"video_id", "uri", "clip_index", "start_s", "end_s", "frames"}
+    assert pq.read_table(out / "errors").num_rows == 3
+    assert "6 videos" not in done.stderr and "9 videos, 18 clips, 3 errors" in done.stderr
+
+
+def test_probe_command_reports_every_uri(shared_videos: Path) -> None:
+    uris = [shared_videos / "mmaction2" / "test.avi", shared_videos / "moviepy" / "result.webm", "/no/such.mp4"]
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "probe", *map(str, uris)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["ok"] for r in rows] == [True, False, False]
+    good = rows[0]
+    assert (good["width"], good["height"], good["fps"], good["has_audio"]) == (320, 240, 25.0, True)
+    assert good["video_codec"] == "mpeg4" and good["n_frames"] == 164
+    assert set(good) >= {"uri", "ok", "error", "container", "rotation", "duration_s", "audio_sample_rate"}
+    assert "empty" in rows[1]["error"].lower() and rows[2]["error"]
