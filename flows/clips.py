@@ -158,11 +158,11 @@ def decode_video(path: str, video_key: str, config: ClipConfig, sidecar_cues: li
     cues = sidecar_cues
     if config.subtitles and cues is None:
         cues = subtitles.read_embedded_subtitles(path)
-    audio = track_start = None
-    if config.audio:
+    track = None
+    if config.audio and info.has_audio:
+        # One read for the whole span the clips need: audio is small next to frames.
         last_s = max(p.end_s for p in plans) + config.clip_len / (config.target_fps or info.fps)
-        track_start = 0.0
-        audio = read_audio(path, 0.0, last_s, config.audio_rate) if info.has_audio else None
+        track = read_audio(path, 0.0, last_s, config.audio_rate, info=info)
 
     frames = decode.iter_frames(path, info, sampling.needed_frames(plans), config.size, config.decoder)
     assembly = sampling.assemble_clips(plans, frames)
@@ -171,30 +171,20 @@ def decode_video(path: str, video_key: str, config: ClipConfig, sidecar_cues: li
         start_s, end_s = float(clip.times_s[0]), float(clip.times_s[-1])
         out = _Clip(clip.plan.clip_index, start_s, end_s, clip.frames)
         if config.audio:
-            out.audio = _audio_span(
-                audio, track_start, start_s, config.audio_samples(info.fps), config.audio_rate
-            )
+            out.audio = _audio_span(track, start_s, config.audio_samples(info.fps), config.audio_rate)
         if config.subtitles:
             out.text = subtitles.text_for_span(cues or [], start_s, end_s)
         n_clips += 1
         yield out
-    planned, decoded = assembly_counts(assembly)
-    yield _VideoDone(info, planned, decoded, n_clips)
+    yield _VideoDone(info, assembly.planned_frames, assembly.decoded_frames, n_clips)
 
 
-def assembly_counts(assembly: Any) -> tuple[int, int]:
-    """(frames planned, frames that arrived) of a finished clip assembly."""
-    return assembly.planned_frames, assembly.decoded_frames
-
-
-def _audio_span(
-    track: np.ndarray | None, track_start_s: float | None, start_s: float, n_samples: int, rate: int
-) -> np.ndarray:
-    """A fixed-length mono slice of the decoded track starting at start_s; silence where there is none."""
+def _audio_span(track: np.ndarray | None, start_s: float, n_samples: int, rate: int) -> np.ndarray:
+    """A fixed-length mono slice of the track (which starts at the first frame); silence past its end."""
     out = np.zeros(n_samples, dtype=np.float32)
-    if track is None or track_start_s is None:
+    if track is None:
         return out
-    first = max(0, round((start_s - track_start_s) * rate))
+    first = max(0, round(start_s * rate))
     piece = track[first : first + n_samples]
     out[: len(piece)] = piece
     return out

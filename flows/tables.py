@@ -39,7 +39,6 @@ import datetime as dt
 import json
 import logging
 import re
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,6 +188,26 @@ def validate(name: str, data: pa.Table | pa.RecordBatch, *, job_run_id: str, run
     return out
 
 
+def root_uri(tables_uri: str) -> str:
+    """The canonical form of a tables location: `s3://bucket/prefix`, or an absolute local path.
+
+    File listings come back in this form, so paths under the root are found by plain prefix.
+    """
+    if storage.is_s3(tables_uri):
+        return "s3://" + tables_uri.split("://", 1)[1].strip("/")
+    return storage.fsspec_filesystem(tables_uri)[1].rstrip("/") or "/"
+
+
+def check_location(tables_uri: str, *, must_exist: bool) -> None:
+    """Fail early on a location that cannot hold tables: a missing bucket, or (`must_exist`) folder."""
+    if storage.is_s3(tables_uri):
+        bucket = "s3://" + tables_uri.split("://", 1)[1].split("/", 1)[0]
+        if not storage.exists(bucket):
+            raise FileNotFoundError(f"tables {tables_uri}: bucket {bucket} not found")
+    elif must_exist and not storage.exists(tables_uri):
+        raise FileNotFoundError(f"tables {tables_uri}: no such folder")
+
+
 def parse_run_date(value: str | dt.date) -> dt.date:
     """A run date from a `date` or 'YYYY-MM-DD' text."""
     if isinstance(value, dt.datetime):
@@ -242,12 +261,14 @@ class TableWriter:
             )
         if max_rows_per_file < 1:
             raise TableError(f"max_rows_per_file={max_rows_per_file} must be >= 1")
-        self.tables_uri = tables_uri.rstrip("/")
+        self.tables_uri = root_uri(tables_uri)
         self.job_run_id = job_run_id
         self.run_date = parse_run_date(run_date)
         self.max_rows_per_file = max_rows_per_file
+        check_location(self.tables_uri, must_exist=False)
         if storage.exists(_manifest_uri(self.tables_uri, job_run_id)):
             raise TableError(f"job_run_id {job_run_id!r} is already committed in {self.tables_uri}")
+        _remove_quietly(self.staging_uri, recursive=True)  # left by an earlier attempt under the same id
         self._parts: dict[str, list[str]] = {}  # table -> relative paths of staged files
         self._rows: dict[str, int] = {}
         self._next: dict[str, int] = {}
@@ -346,7 +367,8 @@ class TableWriter:
             "remove": remove,
         }
         uri = _manifest_uri(self.tables_uri, self.job_run_id)
-        _atomic_write(uri, json.dumps(manifest, indent=1, sort_keys=True).encode())  # the commit point
+        # The commit point. write_bytes is atomic: one PUT on S3, a temporary file renamed over it locally.
+        storage.write_bytes(uri, json.dumps(manifest, indent=1, sort_keys=True).encode())
         self._committed = True
         _publish(self.tables_uri, manifest)
         return CommitResult(
@@ -451,7 +473,7 @@ def recover(tables_uri: str, *, keep: str | None = None) -> list[str]:
     Idempotent; safe to call any time no writer is mid-commit. `keep` names a staging folder to leave
     alone (the caller's own). Returns the job_run_ids it rolled forward.
     """
-    tables_uri = tables_uri.rstrip("/")
+    tables_uri = root_uri(tables_uri)
     _, pending = _list_commits(tables_uri)
     rolled = []
     for job in sorted(pending):
@@ -462,8 +484,9 @@ def recover(tables_uri: str, *, keep: str | None = None) -> list[str]:
         if job != keep:
             # Every manifest is published by now: what is left in staging never committed.
             _remove_quietly(storage.join_uri(staging, job), recursive=True)
-    for stale in _stale_temp_files(tables_uri):
-        _remove_quietly(stale)
+    if not storage.is_s3(tables_uri):  # S3 writes leave no temporary files
+        for stale in _stale_temp_files(tables_uri):
+            _remove_quietly(stale)
     return rolled
 
 
@@ -471,33 +494,20 @@ def _publish(tables_uri: str, manifest: Mapping[str, Any]) -> None:
     """Apply a committed manifest: move its files into place, delete what it replaces, mark it done."""
     job = manifest["job_run_id"]
     staging = storage.join_uri(tables_uri, STAGING, job)
+    waiting = set(_list(staging))  # one listing instead of a lookup per file
     for paths in manifest["add"].values():
         for relpath in paths:
             final = storage.join_uri(tables_uri, relpath)
             staged = storage.join_uri(staging, relpath)
-            if storage.exists(final):
-                continue  # moved before a crash
-            if not storage.exists(staged):
+            if staged in waiting:
+                storage.rename(staged, final)
+            elif not storage.exists(final):  # else it was moved before a crash
                 raise RuntimeError(f"commit {job}: staged file {staged} is missing; the tables need repair")
-            storage.makedirs(final.rsplit("/", 1)[0])
-            storage.rename(staged, final)
     for paths in manifest["remove"].values():
         for relpath in paths:
             _remove_quietly(storage.join_uri(tables_uri, relpath))
-    _atomic_write(_marker_uri(tables_uri, job), b"")
+    storage.write_bytes(_marker_uri(tables_uri, job), b"")
     _remove_quietly(staging, recursive=True)
-
-
-def _atomic_write(uri: str, data: bytes) -> None:
-    """Write an object that readers see whole or not at all: one PUT on S3, a rename on a filesystem."""
-    if storage.is_s3(uri):
-        storage.write_bytes(uri, data)
-        return
-    parent, _, base = uri.rpartition("/")
-    storage.makedirs(parent)
-    tmp = f"{parent}/.{base}.tmp-{uuid.uuid4().hex}"
-    storage.write_bytes(tmp, data)
-    storage.rename(tmp, uri)
 
 
 def _manifest_uri(tables_uri: str, job: str) -> str:
@@ -533,6 +543,7 @@ def _staged_runs(staging_uri: str) -> set[str]:
 
 
 def _stale_temp_files(tables_uri: str) -> list[str]:
+    """Temporary files of local writes that a crash interrupted (`storage.write_bytes` names them .tmp-*)."""
     return [uri for uri in _list(storage.join_uri(tables_uri, COMMITS)) if ".tmp-" in uri.rsplit("/", 1)[-1]]
 
 
@@ -600,7 +611,7 @@ def read_snapshot(tables_uri: str, tables: Sequence[str] = TABLES, *, attempts: 
     """The files of committed runs only, consistent across `tables` (retried if a commit lands meanwhile)."""
     for name in tables:
         _check_table(name)
-    tables_uri = tables_uri.rstrip("/")
+    tables_uri = root_uri(tables_uri)
     for _ in range(attempts):
         commits = _list_commits(tables_uri)
         committed, pending = commits
@@ -690,13 +701,14 @@ def tagged_keys(tables_uri: str) -> set[tuple[str, str, str]]:
     return out
 
 
+def iter_manifests(tables_uri: str) -> Iterator[dict[str, Any]]:
+    """Every commit manifest (run metadata, rows and replacements per table), oldest commit first."""
+    tables_uri = root_uri(tables_uri)
+    committed, _ = _list_commits(tables_uri)
+    manifests = [_read_manifest(tables_uri, job) for job in committed]
+    yield from sorted(manifests, key=lambda m: m["committed_at"])
+
+
 def _check_table(name: str) -> None:
     if name not in SCHEMAS:
         raise TableError(f"unknown table {name!r}; tables: {', '.join(SCHEMAS)}")
-
-
-def iter_manifests(tables_uri: str) -> Iterator[dict[str, Any]]:
-    """Every commit manifest (run metadata, rows and replacements per table), oldest commit first."""
-    committed, _ = _list_commits(tables_uri.rstrip("/"))
-    manifests = [_read_manifest(tables_uri.rstrip("/"), job) for job in committed]
-    yield from sorted(manifests, key=lambda m: m["committed_at"])

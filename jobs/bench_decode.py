@@ -79,6 +79,8 @@ def main(config: BenchDecodeConfig) -> dict[str, Measurement]:
         limit = _measure_limit([v.uri for v in small], plans, config)
         init_ray()
         errors = str(Path(tmp) / "errors")
+        # Warm-up, not measured: Ray workers, their decoder processes and imports start once per run.
+        _measure_dataflow("warm-up", every_video[:2], config, errors)
         flow = _measure_dataflow("dataflow", small, config, errors)
         flow_large = _measure_dataflow(f"dataflow ×{config.scale}", every_video, config, errors)
         peer = _measure_peer(small, plans, config)

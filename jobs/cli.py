@@ -116,6 +116,27 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _query(args: argparse.Namespace) -> int:
+    from jobs import query
+
+    query.main(query.QueryConfig(sql=args.sql, tables=args.tables, format=args.format, out=args.out))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from jobs import query
+
+    tables = args.tables or query.DEFAULT_TABLES
+    if args.report == "daily":
+        config = query.DailyReportConfig(tables=tables, date=args.date, plot=args.plot, top=args.top)
+        query.daily_report(config)
+    else:
+        query.trend_report(
+            query.TrendReportConfig(label=args.label, tables=tables, plot=args.plot, model=args.model)
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="reelflow", description="Batch video analytics on Ray.")
@@ -169,6 +190,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="reelflow-demo", help="folder holding every artefact of the demo")
     p.add_argument("--videos", type=int, default=48)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("query", help="SQL over the committed tables (DuckDB views named after the tables)")
+    p.add_argument("sql", help="SQL over videos, classifications, actions, sentiment, highlights, errors")
+    p.add_argument("--tables", required=True, help="folder or s3:// prefix holding the tables")
+    p.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table")
+    p.add_argument("--out", help="write the result to this file or s3:// URI instead of printing it")
+    p.set_defaults(func=_query)
+
+    p = sub.add_parser("report", help="the morning reports over the committed tables")
+    reports = p.add_subparsers(dest="report", required=True)
+    tables_help = "folder or s3:// prefix of the tables (default: $REELFLOW_TABLES or reelflow-demo/tables)"
+    r = reports.add_parser("daily", help="label counts, top videos per label, sentiment mix, errors by type")
+    r.add_argument("--date", help="YYYY-MM-DD (default: the latest night)")
+    r.add_argument("--tables", help=tables_help)
+    r.add_argument("--plot", metavar="FILE.png", help="also write the report as a PNG chart")
+    r.add_argument("--top", type=int, default=3, help="videos listed per label")
+    r.set_defaults(func=_report)
+    r = reports.add_parser("trend", help="one label's counts per night")
+    r.add_argument("--label", required=True)
+    r.add_argument("--tables", help=tables_help)
+    r.add_argument("--plot", metavar="FILE.png", help="also write the trend as a PNG chart")
+    r.add_argument("--model", help="only this model_name's predictions")
+    r.set_defaults(func=_report)
     return parser
 
 

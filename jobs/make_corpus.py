@@ -19,6 +19,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -31,10 +33,14 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from flows import storage
+
 CATEGORIES = ("ball_sports", "traffic", "nature", "cooking", "music")
 SENTIMENTS = ("negative", "neutral", "positive")
 ACTIONS = ("slide", "bounce", "spin", "pulse")
-BROKEN_KINDS = ("zero_bytes", "garbage_bytes", "truncated_mp4", "text_as_mkv", "garbage_packets", "audio_only")
+BROKEN_KINDS = (
+    "zero_bytes", "garbage_bytes", "truncated_mp4", "text_as_mkv", "garbage_packets", "audio_only",
+)
 
 # Valence is drawn inside each class with a margin from the ±1/3 boundaries so that the label is unambiguous.
 VALENCE_RANGES = {"negative": (-0.95, -0.45), "neutral": (-0.2, 0.2), "positive": (0.45, 0.95)}
@@ -46,7 +52,9 @@ SUBTITLE_WORDS = {
     "neutral": ("ordinary", "normal", "usual", "plain", "average", "typical", "regular", "standard",
                 "moderate", "routine"),
 }
-SUBTITLE_OPENERS = ("this looks", "the scene is", "it feels", "honestly it is", "today it was", "so far it is")
+SUBTITLE_OPENERS = (
+    "this looks", "the scene is", "it feels", "honestly it is", "today it was", "so far it is",
+)
 
 # (frequency ratio to the root, level): a major triad, a bare octave, and a cluster with a minor second
 # and a tritone; the root is 220 Hz · 2^valence, so pitch alone already orders the videos by valence.
@@ -56,11 +64,18 @@ HARMONY = {
     "negative": ((1.0, 1.0), (16 / 15, 0.9), (45 / 32, 0.8)),
 }
 
+# The object's colour belongs to the category (a red ball, a blue car, ...), not to chance, so that it
+# does not blur the sentiment grade of the picture.
+OBJECT_COLORS = {
+    "ball_sports": (225, 60, 50), "traffic": (40, 90, 220), "nature": (30, 110, 40),
+    "cooking": (190, 190, 200), "music": (240, 190, 40),
+}
+
 LABELS_FILE = "labels.parquet"
 BROKEN_FILE = "broken.parquet"
 GENERATOR_VERSION = 1
 
-MIN_ACTION_S, MAX_ACTION_S, MIN_ACTION_GAP_S, EDGE_S = 1.5, 2.5, 1.0, 0.3
+MIN_ACTION_S, MAX_ACTION_S, MIN_ACTION_GAP_S, EDGE_S = 1.8, 2.8, 1.0, 0.3
 SHUTTER_SAMPLES = 4
 MIN_HIGHLIGHT_S, MAX_HIGHLIGHT_S, MIN_HIGHLIGHT_GAP_S = 1.0, 1.6, 0.5
 
@@ -110,6 +125,10 @@ class CorpusConfig:
             "crf": "between 0 and 51",
             "preset": "an x264 preset from ultrafast to medium",
         }
+        try:
+            storage.canonical_uri(self.out)
+        except ValueError as err:
+            raise ValueError(f"out: {err}") from None
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name}: must be {hints[name]}, got {getattr(self, name)!r}")
@@ -209,7 +228,10 @@ def plan_video(config: CorpusConfig, index: int) -> VideoPlan:
     spans = place_segments(rng, config.n_frames, fps, int(rng.integers(1, 4)), MIN_ACTION_S, MAX_ACTION_S,
                            MIN_ACTION_GAP_S, EDGE_S)
     labels = [ACTIONS[int(i)] for i in rng.integers(0, len(ACTIONS), size=len(spans))]
-    actions = tuple(Segment(frame_time(a, fps), frame_time(b, fps), lab) for (a, b), lab in zip(spans, labels))
+    actions = tuple(
+        Segment(frame_time(a, fps), frame_time(b, fps), label)
+        for (a, b), label in zip(spans, labels, strict=True)
+    )
     motion, direction = [], []
     for seg in actions:
         # Constant speed, turning back ~1.6 times a second, so that every 16-frame window inside a segment
@@ -230,9 +252,8 @@ def plan_video(config: CorpusConfig, index: int) -> VideoPlan:
 
     radius = float(rng.uniform(0.16, 0.21) * size)
     cx, cy = (float(c) for c in rng.uniform(radius * 1.15, size - radius * 1.15, size=2))
-    hue = rng.uniform(0, 1)
-    color = tuple(float(c) for c in 255 * (0.55 + 0.45 * np.cos(2 * np.pi * (hue + np.array([0, 1, 2]) / 3))))
-    scene = {k: float(v) for k, v in zip("abcdef", rng.uniform(0, 1, size=6))}
+    color = tuple(float(c) for c in np.clip(np.add(OBJECT_COLORS[category], rng.uniform(-15, 15, 3)), 0, 255))
+    scene = {k: float(v) for k, v in zip("abcdef", rng.uniform(0, 1, size=6), strict=True)}
 
     # Golden-ratio sequence: any prefix of N videos holds subtitles for N·fraction of them (±1), and video
     # i's choice does not depend on N.
@@ -304,7 +325,7 @@ def render_scene(
         heights = 0.15 + 0.35 * np.abs(np.sin(bar * 2.3 + 10 * s["b"]))
         on = ((1 - v) < heights) & ((u * n_bars) % 1.0 < 0.7)
         img[on] = (230, 60, 200)
-    img += np.array([s["e"], s["f"], s["a"]], np.float32) * 24 - 12
+    img += np.array([s["e"], s["f"], s["a"]], np.float32) * 10 - 5
     # The object, two-tone (the half at x > 0 darker) with a dark rim, so that a roll shows on any shape.
     size = noise.shape[0]
     x = (u * size - plan.center[0]) / plan.radius
@@ -374,9 +395,9 @@ def camera_pose(plan: VideoPlan, t: float) -> tuple[float, float, float, float]:
 def grade(img: np.ndarray, valence: float, gain_jitter: float) -> np.ndarray:
     """The sentiment grade: negative is dark, cold and grey, positive bright, warm and vivid."""
     gray = img.mean(axis=2, keepdims=True)
-    saturation = 0.8 + 0.25 * valence
-    gain = 0.72 + 0.25 * valence + gain_jitter
-    warm = 28.0 * valence
+    saturation = 0.75 + 0.3 * valence
+    gain = 0.7 + 0.3 * valence + gain_jitter
+    warm = 36.0 * valence
     out = gain * (gray + saturation * (img - gray))
     out += np.array([warm, 0.3 * warm, -warm], np.float32)
     return out
@@ -400,7 +421,7 @@ def render_frames(plan: VideoPlan, config: CorpusConfig):
     for _ in plan.highlights:
         pts = (rng.integers(0, size, size=(24, 2))[:, None, :] + offsets[None]).reshape(-1, 2)
         sparkles.append(pts[(pts >= 0).all(axis=1) & (pts < size).all(axis=1)])
-    width = max(2, size // 64)
+    width = max(1, size // 100)
     border = np.zeros((size, size), bool)
     border[:width] = border[-width:] = border[:, :width] = border[:, -width:] = True
     # The scene is rendered once on a canvas wide enough for every camera move (pans and zooms stay within
@@ -427,14 +448,15 @@ def render_frames(plan: VideoPlan, config: CorpusConfig):
                 col = np.floor(ca * qx + sa * qy + size / 2 + pad).astype(np.int64)
                 row = np.floor(-sa * qx + ca * qy + size / 2 + pad).astype(np.int64)
                 img += canvas[np.clip(row, 0, len(canvas) - 1), np.clip(col, 0, len(canvas) - 1)]
-            img = grade(img / SHUTTER_SAMPLES, plan.valence, gain_jitter)
+            img /= SHUTTER_SAMPLES
             if all(pose == rest for pose in poses):
                 still = img.copy()
-        for h, pts in zip(plan.highlights, sparkles):
+        for h, pts in zip(plan.highlights, sparkles, strict=True):
             if h.start_s - 1e-6 <= t <= h.end_s + 1e-6:
                 img[pts[:, 0], pts[:, 1]] = (255, 250, 190)
                 img[border] = (255, 215, 60)
-        yield np.clip(img, 0, 255).astype(np.uint8)
+        # The grade goes over everything, highlights included, so no part of a frame contradicts its mood.
+        yield np.clip(grade(img, plan.valence, gain_jitter), 0, 255).astype(np.uint8)
 
 
 # --- sound -------------------------------------------------------------------------------------------------
@@ -492,7 +514,8 @@ def encode_mp4(
         if sound is not None:
             chunk = 1024
             for start in range(0, len(audio), chunk):
-                frame = av.AudioFrame.from_ndarray(audio[None, start:start + chunk], format="fltp", layout="mono")
+                samples = audio[None, start:start + chunk]
+                frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
                 frame.sample_rate = config.audio_rate
                 frame.pts = start
                 container.mux(sound.encode(frame))
@@ -504,7 +527,8 @@ def srt_text(cues: tuple[Cue, ...]) -> str:
         ms = round(s * 1000)
         return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"
 
-    return "".join(f"{i}\n{stamp(c.start_s)} --> {stamp(c.end_s)}\n{c.text}\n\n" for i, c in enumerate(cues, 1))
+    blocks = (f"{i}\n{stamp(c.start_s)} --> {stamp(c.end_s)}\n{c.text}\n" for i, c in enumerate(cues, 1))
+    return "\n".join(blocks)
 
 
 def broken_bytes(config: CorpusConfig, k: int) -> tuple[str, str, bytes]:
@@ -538,7 +562,9 @@ def broken_bytes(config: CorpusConfig, k: int) -> tuple[str, str, bytes]:
     return kind, ".mp4", valid_mp4(with_video=False)  # audio_only: no video stream at all
 
 
-ACTION_TYPE = pa.list_(pa.struct([("label", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64())]))
+ACTION_TYPE = pa.list_(
+    pa.struct([("label", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64())])
+)
 HIGHLIGHT_TYPE = pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64())]))
 LABELS_SCHEMA = pa.schema([
     ("file", pa.string()),
@@ -569,7 +595,8 @@ def labels_table(plans: list[VideoPlan], config: CorpusConfig) -> pa.Table:
             "highlights": [{"start_s": s.start_s, "end_s": s.end_s} for s in p.highlights],
             "duration_s": config.n_frames / config.fps, "fps": float(config.fps), "n_frames": config.n_frames,
             "width": config.size, "height": config.size, "has_audio": config.audio,
-            "has_subtitles": bool(p.cues), "subtitle_file": p.subtitle_file, "index": p.index, "seed": config.seed,
+            "has_subtitles": bool(p.cues), "subtitle_file": p.subtitle_file,
+            "index": p.index, "seed": config.seed,
         }
         for p in plans
     ]
@@ -584,41 +611,46 @@ def labels_table(plans: list[VideoPlan], config: CorpusConfig) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def local_path(uri: str) -> Path:
-    return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+STALE_NAME = re.compile(r"^(video_\d{5,}\.(mp4|srt)|broken_\d{3,}\.\w+)$")
 
 
-def remove_stale(folder: Path, keep: set[str]) -> None:
-    """Delete files an earlier, larger run of this generator left in `folder` (only names it writes)."""
-    for pattern in ("video_*.mp4", "video_*.srt", "broken_*"):
-        for path in folder.glob(pattern):
-            if path.name not in keep:
-                path.unlink()
+def remove_stale(out: str, keep: set[str]) -> None:
+    """Delete files an earlier, larger run of this generator left in `out` (only names it writes).
+
+    Otherwise a rerun with fewer videos, or another seed, would leave videos that labels.parquet does
+    not describe, or sidecar subtitles beside the wrong video.
+    """
+    for uri in storage.list_files(out):
+        name = uri[len(out) + 1:]
+        if STALE_NAME.match(name) and name not in keep:
+            storage.remove(uri)
 
 
 def main(config: CorpusConfig) -> str:
     """Generate the corpus into `config.out` and return the URI of its labels.parquet."""
-    from flows import storage
-
-    remote = storage.is_s3(config.out)
-    staging = Path(tempfile.mkdtemp(prefix="reelflow-corpus-")) if remote else local_path(config.out)
+    out = storage.canonical_uri(config.out)
+    remote = storage.is_s3(out)
+    if not remote and os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out: {out} is a file, not a folder")
+    # S3 gets a finished local tree in one upload; a local folder is written in place.
+    staging = Path(tempfile.mkdtemp(prefix="reelflow-corpus-") if remote else out)
     staging.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True)
     plans = [plan_video(config, i) for i in range(config.videos)]
-    written: set[str] = set()
+    written = {LABELS_FILE, BROKEN_FILE}
+    broken_rows = []
     try:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console, disable=not config.progress) as progress:
-            task = progress.add_task("generating videos", total=config.videos + config.broken)
+            task = progress.add_task("make-corpus", total=config.videos + config.broken)
             for plan in plans:
                 audio = render_audio(plan, config) if config.audio else None
                 encode_mp4(str(staging / plan.file), render_frames(plan, config), audio, config)
                 written.add(plan.file)
-                if plan.cues:
+                if plan.subtitle_file:
                     (staging / plan.subtitle_file).write_text(srt_text(plan.cues), encoding="utf-8")
                     written.add(plan.subtitle_file)
                 progress.advance(task)
-            broken_rows = []
             for k in range(config.broken):
                 kind, ext, data = broken_bytes(config, k)
                 name = f"broken_{k:03d}{ext}"
@@ -626,15 +658,16 @@ def main(config: CorpusConfig) -> str:
                 written.add(name)
                 broken_rows.append({"file": name, "kind": kind, "size_bytes": len(data)})
                 progress.advance(task)
-        if not remote:
-            remove_stale(staging, written)
-        pq.write_table(labels_table(plans, config), staging / LABELS_FILE)
         pq.write_table(pa.Table.from_pylist(broken_rows, schema=BROKEN_SCHEMA), staging / BROKEN_FILE)
+        # labels.parquet goes last: its presence says the videos it lists are all there.
         if remote:
-            storage.upload_dir(str(staging), config.out)
+            storage.upload_dir(str(staging), out)
+        pq.write_table(labels_table(plans, config), staging / LABELS_FILE)
+        if remote:
+            storage.put_file(str(staging / LABELS_FILE), storage.join_uri(out, LABELS_FILE))
     finally:
         if remote:
             shutil.rmtree(staging, ignore_errors=True)
-    labels_uri = storage.join_uri(config.out, LABELS_FILE) if remote else str(staging / LABELS_FILE)
-    console.print(f"wrote {config.videos} videos and {config.broken} broken files to {config.out}")
-    return labels_uri
+    remove_stale(out, written)
+    console.print(f"make-corpus: {config.videos} videos and {config.broken} broken files in {out}")
+    return storage.join_uri(out, LABELS_FILE)

@@ -13,7 +13,6 @@ of `flows.storage`, never through DuckDB's httpfs extension (which downloads its
 
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime as dt
 import decimal
@@ -21,9 +20,9 @@ import io
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -35,6 +34,7 @@ from rich.table import Table
 
 from flows import storage, tables
 
+T = TypeVar("T")
 Format = Literal["table", "csv", "json", "parquet"]
 FORMATS: tuple[str, ...] = ("table", "csv", "json", "parquet")
 # Where `reelflow demo` keeps its tables; REELFLOW_TABLES points the reports elsewhere.
@@ -101,9 +101,11 @@ class TrendReportConfig:
 
 
 def connect(tables_uri: str, snapshot: tables.Snapshot | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with one view per table over its committed files."""
-    check_tables_uri(tables_uri)
-    snap = snapshot if snapshot is not None else tables.read_snapshot(tables_uri)
+    """An in-memory DuckDB connection with one view per table over its committed files (of `snapshot`)."""
+    if snapshot is None:
+        check_tables_uri(tables_uri)
+        snapshot = tables.read_snapshot(tables_uri)
+    snap = snapshot
     con = duckdb.connect()
     for name in tables.TABLES:
         con.register(name, tables.dataset(tables_uri, name, snap))
@@ -112,29 +114,39 @@ def connect(tables_uri: str, snapshot: tables.Snapshot | None = None) -> duckdb.
 
 def run_sql(tables_uri: str, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
     """The result of one SQL text (the last statement's rows; empty when it returns none) as Arrow."""
-    for attempt in range(ATTEMPTS):
-        con = connect(tables_uri)
+
+    def work(con: duckdb.DuckDBPyConnection) -> pa.Table:
+        relation = con.sql(sql, params=dict(params)) if params else con.sql(sql)
+        return relation.to_arrow_table() if relation is not None else pa.table({})
+
+    return on_snapshot(tables_uri, work)
+
+
+def on_snapshot(tables_uri: str, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+    """`work` on `connect`; when a scan fails because a publish changed the files since, on the new files."""
+    check_tables_uri(tables_uri)
+    snapshot = tables.read_snapshot(tables_uri)
+    for attempt in range(1, ATTEMPTS + 1):
+        con = connect(tables_uri, snapshot)
         try:
-            relation = con.sql(sql, params=dict(params)) if params else con.sql(sql)
-            return relation.to_arrow_table() if relation is not None else pa.table({})
+            return work(con)
         except duckdb.Error as err:
-            # A file that vanished under a scan was moved or replaced by a publish: plan again.
-            if "registered as" in str(err) and attempt + 1 < ATTEMPTS:
-                continue
+            # A dataset scan that failed on a file: if a publish moved or replaced files after our listing,
+            # plan again; if nothing changed, the error is real (a corrupt or deleted file).
+            if "registered as" in str(err) and attempt < ATTEMPTS:
+                fresh = tables.read_snapshot(tables_uri)
+                if fresh != snapshot:
+                    snapshot = fresh
+                    continue
             raise QueryError(_first_line(err)) from None
         finally:
             con.close()
-    raise AssertionError("unreachable")
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def check_tables_uri(tables_uri: str) -> None:
     """Fail early on a tables location that does not exist (a typo, a missing bucket)."""
-    if storage.is_s3(tables_uri):
-        bucket = "s3://" + tables_uri.split("://", 1)[1].split("/", 1)[0]
-        if not storage.exists(bucket):
-            raise FileNotFoundError(f"tables {tables_uri}: bucket {bucket} not found")
-    elif not storage.exists(tables_uri):
-        raise FileNotFoundError(f"tables {tables_uri}: no such folder")
+    tables.check_location(tables_uri, must_exist=True)
 
 
 def main(config: QueryConfig) -> pa.Table:
@@ -285,30 +297,25 @@ class DailyReport:
 
 def daily_report(config: DailyReportConfig) -> DailyReport:
     """Compute, print and (with `plot`) chart the report of one night."""
-    check_tables_uri(config.tables)
-    snapshot = tables.read_snapshot(config.tables)
-    con = connect(config.tables, snapshot)
-    try:
+
+    def work(con: duckdb.DuckDBPyConnection) -> DailyReport:
         if config.date is not None:
             run_date = tables.parse_run_date(config.date)
         else:
-            latest = con.sql(LATEST_SQL).fetchone()
-            if latest is None or latest[0] is None:
+            ((run_date,),) = con.sql(LATEST_SQL).fetchall()
+            if run_date is None:
                 raise ValueError(f"report daily: no night in {config.tables} yet; run `reelflow tag` first")
-            run_date = latest[0]
         sections = {}
         for title, sql in DAILY_SQL.items():
             params: dict[str, Any] = {"d": run_date}
             if "$top" in sql:
                 params["top"] = config.top
             sections[title] = con.sql(sql, params=params).to_arrow_table()
-    except duckdb.Error as err:
-        raise QueryError(_first_line(err)) from None
-    finally:
-        con.close()
-    report = DailyReport(run_date, sections)
-    out_console.rule(f"[bold]reelflow daily report — {run_date.isoformat()}")
-    for title, section in sections.items():
+        return DailyReport(run_date, sections)
+
+    report = on_snapshot(config.tables, work)
+    out_console.rule(f"[bold]reelflow daily report — {report.run_date.isoformat()}")
+    for title, section in report.sections.items():
         show(rich_table(section, title=title))
     if config.plot:
         plot_daily(report, config.plot)
@@ -351,18 +358,15 @@ ORDER BY label
 
 def trend_report(config: TrendReportConfig) -> pa.Table:
     """Compute, print and (with `plot`) chart one label's counts per night."""
-    check_tables_uri(config.tables)
-    con = connect(config.tables)
-    try:
+
+    def work(con: duckdb.DuckDBPyConnection) -> pa.Table:
         labels = [row[0] for row in con.sql(LABELS_SQL).fetchall()]
         if config.label not in labels:
             known = ", ".join(labels[:20]) + (" …" if len(labels) > 20 else "") if labels else "none yet"
             raise ValueError(f"report trend: label {config.label!r} is in no table; known labels: {known}")
-        result = con.sql(TREND_SQL, params={"label": config.label, "model": config.model}).to_arrow_table()
-    except duckdb.Error as err:
-        raise QueryError(_first_line(err)) from None
-    finally:
-        con.close()
+        return con.sql(TREND_SQL, params={"label": config.label, "model": config.model}).to_arrow_table()
+
+    result = on_snapshot(config.tables, work)
     scope = f" ({config.model})" if config.model else ""
     show(rich_table(result, title=f"'{config.label}' per night{scope}"))
     if config.plot:
@@ -513,47 +517,3 @@ def plot_trend(result: pa.Table, label: str, uri: str) -> None:
     fig.tight_layout()
     _save(fig, uri)
     plt.close(fig)
-
-
-# --- command line ------------------------------------------------------------------------------------
-
-
-def add_arguments(sub: argparse._SubParsersAction) -> None:
-    """Add the `query` and `report` subcommands to the `reelflow` parser."""
-    p = sub.add_parser("query", help="run SQL over the committed tables (DuckDB)")
-    p.add_argument("sql", help=f"SQL over the views {', '.join(tables.TABLES)}")
-    p.add_argument("--tables", required=True, help="folder or s3:// prefix holding the tables")
-    p.add_argument("--format", choices=FORMATS, default="table")
-    p.add_argument("--out", help="write the result to this file or s3:// URI instead of printing it")
-    p.set_defaults(func=_query_command)
-
-    tables_help = f"folder or s3:// prefix holding the tables (default {DEFAULT_TABLES})"
-    p = sub.add_parser("report", help="the morning reports: daily, trend")
-    reports = p.add_subparsers(dest="report", required=True)
-    r = reports.add_parser("daily", help="label counts, top videos, sentiment mix, errors of one night")
-    r.add_argument("--date", help="YYYY-MM-DD (default: the latest night)")
-    r.add_argument("--tables", default=DEFAULT_TABLES, help=tables_help)
-    r.add_argument("--plot", metavar="FILE.png", help="also write the report as a PNG chart")
-    r.add_argument("--top", type=int, default=3, help="videos listed per label")
-    r.set_defaults(func=_daily_command)
-    r = reports.add_parser("trend", help="one label's counts per night")
-    r.add_argument("--label", required=True)
-    r.add_argument("--tables", default=DEFAULT_TABLES, help=tables_help)
-    r.add_argument("--plot", metavar="FILE.png", help="also write the trend as a PNG chart")
-    r.add_argument("--model", help="only this model_name's predictions")
-    r.set_defaults(func=_trend_command)
-
-
-def _query_command(args: argparse.Namespace) -> int:
-    main(QueryConfig(sql=args.sql, tables=args.tables, format=args.format, out=args.out))
-    return 0
-
-
-def _daily_command(args: argparse.Namespace) -> int:
-    daily_report(DailyReportConfig(tables=args.tables, date=args.date, plot=args.plot, top=args.top))
-    return 0
-
-
-def _trend_command(args: argparse.Namespace) -> int:
-    trend_report(TrendReportConfig(label=args.label, tables=args.tables, plot=args.plot, model=args.model))
-    return 0

