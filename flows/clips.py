@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,17 @@ log = logging.getLogger(__name__)
 
 SAMPLINGS = ("uniform", "sliding", "random")
 DECODERS = ("auto", "decord", "pyav")
+# Clip-row column → (VideoInfo field, Arrow type), carried when ClipConfig.video_info is set.
+VIDEO_INFO_COLUMNS = {
+    "duration_s": ("duration_s", pa.float64()),
+    "fps": ("fps", pa.float64()),
+    "n_frames": ("n_frames", pa.int64()),
+    "width": ("width", pa.int32()),
+    "height": ("height", pa.int32()),
+    "rotation": ("rotation", pa.int32()),
+    "codec": ("video_codec", pa.string()),
+    "has_audio": ("has_audio", pa.bool_()),
+}
 ERROR_SCHEMA = pa.schema(
     [
         ("video_id", pa.string()),
@@ -46,7 +57,8 @@ class ClipConfig:
     `size` is the (height, width) of the decoded frames, resized inside the decoder. `sampling` picks
     the planner: `uniform` (`clips_per_video` evenly spaced), `sliding` (windows every `stride` output
     frames covering the whole video, for tagging) or `random` (`clips_per_video` seeded clips, for
-    training). `target_fps` resamples every video to the model's frame rate.
+    training). `target_fps` resamples every video to the model's frame rate. `video_info` adds the
+    video's probe facts (VIDEO_INFO_COLUMNS) to every clip row, for the videos table.
     """
 
     clip_len: int = 16
@@ -60,6 +72,7 @@ class ClipConfig:
     audio: bool = False
     audio_rate: int = 16_000
     subtitles: bool = False
+    video_info: bool = False
     timeout_s: float = 600.0
     idle_timeout_s: float = 60.0
 
@@ -202,8 +215,6 @@ class VideoResult:
     row: VideoRow
     info: VideoInfo | None = None
     clips: int = 0
-    error: VideoError | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def iter_video_clips(
@@ -237,7 +248,7 @@ def iter_video_clips(
                     _check_truncation(row, item)
                 else:
                     result.clips += 1
-                    yield _clip_row(row, item, config)
+                    yield _clip_row(row, item, config, result.info)
     except VideoError as err:
         if not err.message.startswith(row.uri):
             err = VideoError(err.stage, err.error_type, f"{row.uri}: {err.message}")
@@ -274,7 +285,7 @@ def _read_if_exists(uri: str) -> bytes | None:
     return storage.read_bytes(uri) if storage.exists(uri) else None
 
 
-def _clip_row(row: VideoRow, clip: _Clip, config: ClipConfig) -> dict[str, Any]:
+def _clip_row(row: VideoRow, clip: _Clip, config: ClipConfig, info: VideoInfo | None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "video_id": row.video_id,
         "uri": row.uri,
@@ -287,6 +298,8 @@ def _clip_row(row: VideoRow, clip: _Clip, config: ClipConfig) -> dict[str, Any]:
         out["audio"] = clip.audio
     if config.subtitles:
         out["text"] = clip.text or ""
+    if config.video_info and info is not None:
+        out.update({column: getattr(info, field) for column, (field, _) in VIDEO_INFO_COLUMNS.items()})
     return out
 
 
@@ -364,6 +377,9 @@ def _clip_table(rows: list[dict[str, Any]]) -> pa.Table:
         columns["audio"] = pa.array([r["audio"] for r in rows], pa.list_(pa.float32()))
     if "text" in rows[0]:
         columns["text"] = pa.array([r["text"] for r in rows], pa.string())
+    for column, (_, dtype) in VIDEO_INFO_COLUMNS.items():
+        if column in rows[0]:
+            columns[column] = pa.array([r[column] for r in rows], dtype)
     return pa.table(columns)
 
 
@@ -394,8 +410,3 @@ def corpus_clips(corpus_uri: str, config: ClipConfig, errors_uri: str) -> tuple[
     if not videos:
         raise FileNotFoundError(f"{corpus_uri}: no video files found")
     return clip_dataset(video_dataset(videos), config, errors_uri), videos
-
-
-def with_overrides(config: ClipConfig, **overrides: Any) -> ClipConfig:
-    """A copy of `config` with the given fields replaced (validated again)."""
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})

@@ -5,8 +5,8 @@ whatever the number of videos, and the labels are rendered into the pixels and t
 models can learn them:
 
 - category: the scene — background texture and colours, and the shape of the one object in it;
-- actions: timed segments in which the object slides sideways, bounces, spins or pulses; it is still
-  outside them;
+- actions: timed segments in which the camera slides sideways, bounces up and down, spins (rolls back
+  and forth) or shakes, with motion blur; the picture is still outside them;
 - sentiment / valence: the grade of the whole picture (dark, cold and grey → bright, warm and vivid) and
   the pitch and harmony of a sustained chord (low dissonant cluster → high major triad);
 - highlights: still sparkles and a thin gold frame over the picture, and a louder chord with a high chime.
@@ -37,7 +37,7 @@ from flows import storage
 
 CATEGORIES = ("ball_sports", "traffic", "nature", "cooking", "music")
 SENTIMENTS = ("negative", "neutral", "positive")
-ACTIONS = ("slide", "bounce", "spin", "pulse")
+ACTIONS = ("slide", "bounce", "spin", "shake")
 BROKEN_KINDS = (
     "zero_bytes", "garbage_bytes", "truncated_mp4", "text_as_mkv", "garbage_packets", "audio_only",
 )
@@ -150,6 +150,21 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Move:
+    """How the camera moves during one action segment.
+
+    slide / bounce / spin: a triangle wave (constant speed) of `amplitude` px or rad with `cycles` half
+    periods; shake: two fast sines (`freq` Hz in x, 1.21 × that in y) of `amplitude` px.
+    """
+
+    amplitude: float
+    cycles: int = 1
+    sign: int = 1
+    freq: float = 0.0
+    phase: float = 0.0
+
+
+@dataclass(frozen=True)
 class Cue:
     start_s: float
     end_s: float
@@ -172,8 +187,7 @@ class VideoPlan:
     center: tuple[float, float]
     radius: float
     color: tuple[float, float, float]
-    motion: tuple[float, ...]  # per action segment: amplitude (px), rad/s or scale, and a cycle count
-    direction: tuple[int, ...]
+    moves: tuple[Move, ...]  # one per action segment
     scene: dict = field(default_factory=dict)
 
     @property
@@ -232,16 +246,20 @@ def plan_video(config: CorpusConfig, index: int) -> VideoPlan:
         Segment(frame_time(a, fps), frame_time(b, fps), label)
         for (a, b), label in zip(spans, labels, strict=True)
     )
-    motion, direction = [], []
+    moves = []
     for seg in actions:
+        if seg.label == "shake":  # a jitter that changes direction every two or three frames
+            moves.append(Move(float(rng.uniform(0.025, 0.035) * size), freq=float(rng.uniform(2.8, 3.4)),
+                              phase=float(rng.uniform(0, 2 * math.pi))))
+            continue
         # Constant speed, turning back ~1.6 times a second, so that every 16-frame window inside a segment
-        # sees fast, motion-blurred movement; the amplitude is set by the speed.
+        # sees fast, motion-blurred movement; the amplitude follows from the speed.
         length = seg.end_s - seg.start_s
         cycles = max(1, round(length * rng.uniform(1.4, 1.9)))
-        speed = {"slide": 0.6 * size, "bounce": 0.6 * size, "spin": 1.8, "pulse": 1.0}[seg.label]
+        speed = {"slide": 0.6 * size, "bounce": 0.6 * size, "spin": 1.8}[seg.label]  # px/s or rad/s
         amplitude = speed * rng.uniform(0.85, 1.15) * length / (2 * cycles)
-        motion += [float(amplitude), cycles]
-        direction.append(int(rng.choice([-1, 1])) if seg.label != "bounce" else 1)
+        sign = int(rng.choice([-1, 1])) if seg.label != "bounce" else 1
+        moves.append(Move(float(amplitude), cycles, sign))
 
     n_high = int(rng.integers(1, 3))
     highlights = tuple(
@@ -263,7 +281,7 @@ def plan_video(config: CorpusConfig, index: int) -> VideoPlan:
     return VideoPlan(
         index=index, file=f"video_{index:05d}.mp4", category=category, sentiment=sentiment, valence=valence,
         actions=actions, highlights=highlights, cues=cues, center=(cx, cy), radius=radius, color=color,
-        motion=tuple(motion), direction=tuple(direction), scene=scene,
+        moves=tuple(moves), scene=scene,
     )
 
 
@@ -290,7 +308,7 @@ def render_scene(
     """The category's scene at scene coordinates (u right, v down, 0..1 across the frame at rest).
 
     Float32 RGB in 0..255, before the sentiment grade. Every texture is a function of (u, v), so the
-    camera can pan, tilt, roll and zoom over it without running out of picture.
+    camera can pan, tilt, roll and shake over it without running out of picture.
     """
     s = plan.scene
     img = np.empty((*u.shape, 3), np.float32)
@@ -369,27 +387,30 @@ def shape_mask(category: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.sqrt(x * x + y * y) <= 0.55 + 0.45 * np.cos(5 * theta) ** 2
 
 
-def camera_pose(plan: VideoPlan, t: float) -> tuple[float, float, float, float]:
-    """Shift x, y (px), roll (rad) and zoom of the picture at time t; identity outside action segments."""
+def camera_pose(plan: VideoPlan, t: float) -> tuple[float, float, float]:
+    """Shift x, y (px) and roll (rad) of the camera at time t; (0, 0, 0) outside action segments."""
     dx = dy = angle = 0.0
-    scale = 1.0
-    for i, seg in enumerate(plan.actions):
+    for seg, move in zip(plan.actions, plan.moves, strict=True):
         length = seg.end_s - seg.start_s
         tau = t - seg.start_s
         if not 0.0 < tau < length:
             continue
-        a, cycles, d = plan.motion[2 * i], plan.motion[2 * i + 1], plan.direction[i]
+        if seg.label == "shake":
+            # Quick ramps in and out, so the shake starts and stops without a jump.
+            ramp = move.amplitude * min(1.0, tau / 0.1, (length - tau) / 0.1)
+            dx += ramp * math.sin(2 * math.pi * move.freq * tau + move.phase)
+            dy += ramp * math.sin(2 * math.pi * 1.21 * move.freq * tau + 2 * move.phase)
+            continue
         # A triangle wave: constant speed, and back at rest at the segment's end, so nothing jumps.
-        wave = 2 / math.pi * math.asin(math.sin(math.pi * cycles * tau / length))
+        triangle = 2 / math.pi * math.asin(math.sin(math.pi * move.cycles * tau / length))
+        wave = move.sign * move.amplitude * triangle
         if seg.label == "slide":
-            dx += d * a * wave
+            dx += wave
         elif seg.label == "bounce":
-            dy -= a * abs(wave)
-        elif seg.label == "spin":
-            angle += d * a * wave
+            dy -= abs(wave)
         else:
-            scale *= math.exp(d * a * wave)
-    return dx, dy, angle, scale
+            angle += wave
+    return dx, dy, angle
 
 
 def grade(img: np.ndarray, valence: float, gain_jitter: float) -> np.ndarray:
@@ -424,12 +445,12 @@ def render_frames(plan: VideoPlan, config: CorpusConfig):
     width = max(1, size // 100)
     border = np.zeros((size, size), bool)
     border[:width] = border[-width:] = border[:, :width] = border[:, -width:] = True
-    # The scene is rendered once on a canvas wide enough for every camera move (pans and zooms stay within
-    # 0.75 frame widths of it), then each frame samples it through the camera transform.
-    pad = round(0.75 * size)
+    # The scene is rendered once on a canvas wide enough for every camera move (a roll shows corners 0.21
+    # frame widths out, a pan moves 0.25 at most), then each frame samples it through the camera transform.
+    pad = round(0.5 * size)
     cv, cu = (np.mgrid[0:size + 2 * pad, 0:size + 2 * pad].astype(np.float32) + 0.5 - pad) / size
     canvas = render_scene(plan, cu, cv, noise, mottle)
-    rest = (0.0, 0.0, 0.0, 1.0)
+    rest = (0.0, 0.0, 0.0)
     still = None
     for k in range(config.n_frames):
         t = k / fps
@@ -441,9 +462,9 @@ def render_frames(plan: VideoPlan, config: CorpusConfig):
             img = still.copy()
         else:
             img = np.zeros((size, size, 3), np.float32)
-            for dx, dy, angle, scale in poses:
+            for dx, dy, angle in poses:
                 # Inverse camera transform: which canvas pixel each output pixel sees.
-                qx, qy = (px - dx) / scale, (py - dy) / scale
+                qx, qy = px - dx, py - dy
                 ca, sa = math.cos(angle), math.sin(angle)
                 col = np.floor(ca * qx + sa * qy + size / 2 + pad).astype(np.int64)
                 row = np.floor(-sa * qx + ca * qy + size / 2 + pad).astype(np.int64)

@@ -26,6 +26,7 @@ from flows.clips import (
     clip_dataset,
     corpus_clips,
     decode_video,
+    iter_video_clips,
     list_video_rows,
     read_errors,
     video_dataset,
@@ -219,3 +220,16 @@ def test_probe_command_reports_every_uri(shared_videos: Path) -> None:
     assert good["video_codec"] == "mpeg4" and good["n_frames"] == 164
     assert set(good) >= {"uri", "ok", "error", "container", "rotation", "duration_s", "audio_sample_rate"}
     assert "empty" in rows[1]["error"].lower() and rows[2]["error"]
+
+
+def test_clip_rows_can_carry_the_videos_probe_facts(shared_videos: Path) -> None:
+    (row,) = list_video_rows(str(shared_videos / "decord" / "video_90.mov"))
+    config = ClipConfig(clip_len=2, size=(32, 32), clips_per_video=1, video_info=True)
+    (clip,) = iter_video_clips(row, config)
+    facts = {k: clip[k] for k in ("width", "height", "rotation", "fps", "n_frames", "codec", "has_audio")}
+    expected = {"width": 568, "height": 320, "rotation": -90, "fps": 30.0, "n_frames": 3, "codec": "h264"}
+    assert facts == {**expected, "has_audio": False}
+    assert clip["frames"].shape == (2, 32, 32, 3)
+    assert "duration_s" not in next(
+        iter_video_clips(row, ClipConfig(clip_len=2, size=(32, 32), clips_per_video=1))
+    )

@@ -18,6 +18,7 @@ import pytest
 from flows import storage
 from flows.subtitles import parse_srt
 from jobs.make_corpus import (
+    ACTIONS,
     BROKEN_KINDS,
     CATEGORIES,
     SENTIMENTS,
@@ -259,24 +260,51 @@ def test_motion_happens_inside_action_segments_and_nowhere_else(labels: list[dic
         assert energy[moving].mean() > 4 * max(energy[still].mean(), 0.2), row["file"]
 
 
-def test_slide_moves_the_picture_sideways_and_bounce_up_and_down(labels: list[dict], decoded) -> None:
+def outer_over_centre_motion(gray: np.ndarray, pairs: list[int]) -> float:
+    """How much more the picture moves near its edge than near its centre (≈1 for a shift, ≫1 for a roll).
+
+    Motion per region is the normal-flow magnitude: temporal change over spatial gradient.
+    """
+    size = gray.shape[1]
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5 - size / 2
+    radius = np.hypot(xx, yy) / size
+    change = np.abs(np.stack([gray[k + 1] - gray[k] for k in pairs]))
+    gy, gx = np.gradient(np.stack([gray[k + 1] + gray[k] for k in pairs]) / 2, axis=(1, 2))
+    gradient = np.hypot(gx, gy)
+
+    def flow(region: np.ndarray) -> float:
+        return change[:, region].mean() / (gradient[:, region].mean() + 1e-6)
+
+    return flow((radius > 0.34) & (radius < 0.48)) / flow(radius < 0.16)
+
+
+def test_each_action_moves_the_picture_its_own_way(labels: list[dict], decoded) -> None:
+    """slide: steady sideways shifts; bounce: up and down; shake: both, reversing every few frames;
+    spin: a roll, fast at the edges and still at the centre."""
     seen = set()
     for row in labels:
         gray = luma(decoded[row["file"]][0])
         times = frame_times(row)
         highlighted = inside(times, row["highlights"])
         for seg in row["actions"]:
-            if seg["label"] not in ("slide", "bounce"):
+            frames = set(np.flatnonzero(inside(times, [seg]) & ~highlighted))
+            pairs = [k for k in sorted(frames) if k + 1 in frames]
+            if len(pairs) < 6:
                 continue
-            frames = np.flatnonzero(inside(times, [seg]) & ~highlighted)
-            shifts = np.array([global_shift(gray[k], gray[k + 1]) for k in frames[:-1] if k + 1 in frames])
-            if len(shifts) < 5:
-                continue
-            along, across = (0, 1) if seg["label"] == "slide" else (1, 0)
-            assert np.median(np.abs(shifts[:, along])) >= 2, (row["file"], seg)
-            assert np.median(np.abs(shifts[:, across])) <= 1, (row["file"], seg)
-            seen.add(seg["label"])
-    assert seen == {"slide", "bounce"}
+            shifts = np.array([global_shift(gray[k], gray[k + 1]) for k in pairs])
+            dx, dy = np.abs(shifts).T
+            reversals = np.mean((shifts[1:] * shifts[:-1]).sum(axis=1) < 0)  # turns of more than 90°
+            roll = outer_over_centre_motion(gray, pairs)
+            label, where = seg["label"], (row["file"], seg)
+            assert (roll > 2.2) == (label == "spin"), (roll, where)
+            if label == "slide":
+                assert np.median(dx) >= 2 and np.median(dy) <= 1 and reversals <= 0.25, where
+            elif label == "bounce":
+                assert np.median(dy) >= 2 and np.median(dx) <= 1, where
+            elif label == "shake":
+                assert np.median(dx + dy) >= 2 and reversals >= 0.4, where
+            seen.add(label)
+    assert seen == set(ACTIONS)
 
 
 def test_picture_brightness_and_audio_pitch_follow_valence(corpus: Path, labels: list[dict], decoded) -> None:
