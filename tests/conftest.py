@@ -191,3 +191,87 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         # The server runs uvicorn as a child in its own session: end anything left of that session.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGTERM)
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated labelled corpus shared by the training and tagging tests: 30 videos (every category ×
+    sentiment twice) of 64×64 px, 6 s at 15 fps with AAC audio, plus 2 unreadable files; `labels.parquet`
+    sits at its root."""
+    from jobs.make_corpus import CorpusConfig
+    from jobs.make_corpus import main as make_corpus
+
+    out = tmp_path_factory.mktemp("small-corpus")
+    make_corpus(CorpusConfig(out=str(out), videos=30, seed=11, broken=2, size=64, duration_s=6.0,
+                             fps=15, progress=False))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def tagging_model(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A small multitask CNN-LSTM (64×64, 16 frames at 15 fps, every head of the corpus's label set), fitted
+    for a few epochs on the small corpus's clips and registered in a SQLite MLflow store.
+
+    Yields (model URI `models:/tagger/1`, tracking URI). Fitted in-process with a plain torch loop, so the
+    tagging and evaluation tests do not depend on the training job.
+    """
+    import numpy as np
+    import torch
+
+    from flows import labels as flabels
+    from flows.clips import ClipConfig, iter_video_clips, list_video_rows
+    from jobs import tracking
+    from models import build, head_loss
+
+    manifest = flabels.read_manifest(str(small_corpus / flabels.LABELS_FILE))
+    label_set = manifest.labels
+    heads = {"category": label_set.categories, "action": label_set.actions,
+             "sentiment": label_set.sentiments, "valence": (), "importance": ()}  # fmt: skip
+    torch.manual_seed(0)
+    model = build("multitask", backbone="cnn_lstm", heads={k: list(v) for k, v in heads.items()},
+                  step_heads=["action"], clip_len=16, frame_size=[64, 64], fps=15.0,
+                  channels=[8, 16, 32, 64], hidden=64)  # fmt: skip
+    config = ClipConfig(clip_len=16, size=(64, 64), sampling="sliding", target_fps=15.0)
+    frames, targets = [], {"category": [], "sentiment": [], "valence": [], "action_steps": [], "importance": []}
+    index = label_set.index()
+    for row in list_video_rows(str(small_corpus)):
+        file = flabels.relative_file(row.uri, str(small_corpus))
+        if file not in manifest.videos:
+            continue
+        video = manifest.videos[file]
+        with contextlib.suppress(Exception):  # the broken files
+            for clip in iter_video_clips(row, config):
+                times = flabels.frame_times(clip["start_s"], clip["end_s"], clip["frames"].shape[0])
+                actions, importance = flabels.step_targets(video, times, label_set)
+                frames.append(clip["frames"])
+                targets["category"].append(index["category"][video.category])
+                targets["sentiment"].append(index["sentiment"][video.sentiment])
+                targets["valence"].append(video.valence)
+                targets["action_steps"].append(actions)
+                targets["importance"].append(float(importance.mean()))
+    x_all = np.stack(frames)
+    t_all = {
+        "category": torch.tensor(targets["category"]),
+        "sentiment": torch.tensor(targets["sentiment"]),
+        "valence": torch.tensor(targets["valence"], dtype=torch.float32),
+        "action_steps": torch.tensor(np.stack(targets["action_steps"])),
+        "importance": torch.tensor(targets["importance"], dtype=torch.float32),
+    }
+    t_all["action"] = flabels.clip_action(t_all["action_steps"], label_set.background)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        for batch in torch.randperm(len(x_all), generator=gen).split(16):
+            outputs = model(model.spec.prepare(x_all[batch.numpy()]))
+            loss = head_loss(outputs, {k: v[batch] for k, v in t_all.items()}, model.spec)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('tag-mlflow') / 'mlflow.db'}"
+    run_id = tracking.get_or_create_run("tests-tag", "tagging-model", "tagging-model", tracking_uri=uri)
+    model_uri = tracking.log_model(model, model.spec, "tagger", "candidate", run_id=run_id, tracking_uri=uri)
+    tracking.finish_run(run_id, tracking_uri=uri)
+    return model_uri, uri
