@@ -23,7 +23,8 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import av
@@ -77,6 +78,8 @@ GENERATOR_VERSION = 1
 
 MIN_ACTION_S, MAX_ACTION_S, MIN_ACTION_GAP_S, EDGE_S = 1.8, 2.8, 1.0, 0.3
 SHUTTER_SAMPLES = 4
+AAC_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium")
 MIN_HIGHLIGHT_S, MAX_HIGHLIGHT_S, MIN_HIGHLIGHT_GAP_S = 1.0, 1.6, 0.5
 
 
@@ -99,39 +102,32 @@ class CorpusConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        def whole(value: object, low: int, high: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+        def number(value: object, low: float, high: float) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
+
         checks = {
-            "out": bool(str(self.out).strip()),
-            "videos": 0 <= self.videos <= 1_000_000,
-            "seed": 0 <= self.seed < 2**63,
-            "broken": 0 <= self.broken <= 100_000,
-            "size": 32 <= self.size <= 1080 and self.size % 2 == 0,
-            "duration_s": 3.0 <= self.duration_s <= 600.0,
-            "fps": 5 <= self.fps <= 60,
-            "subtitle_fraction": 0.0 <= self.subtitle_fraction <= 1.0,
-            "audio_rate": self.audio_rate in (8000, 16000, 22050, 24000, 32000, 44100, 48000),
-            "crf": 0 <= self.crf <= 51,
-            "preset": self.preset in ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium"),
-        }
-        hints = {
-            "out": "a folder or s3:// URI",
-            "videos": "between 0 and 1000000",
-            "seed": "a non-negative integer",
-            "broken": "between 0 and 100000",
-            "size": "an even number of pixels between 32 and 1080",
-            "duration_s": "between 3 and 600 seconds (room for an action segment)",
-            "fps": "between 5 and 60",
-            "subtitle_fraction": "between 0 and 1",
-            "audio_rate": "an AAC sample rate such as 16000 or 48000",
-            "crf": "between 0 and 51",
-            "preset": "an x264 preset from ultrafast to medium",
+            "videos": (whole(self.videos, 0, 1_000_000), "a whole number from 0 to 1000000"),
+            "seed": (whole(self.seed, 0, 2**63 - 1), "a non-negative whole number"),
+            "broken": (whole(self.broken, 0, 100_000), "a whole number from 0 to 100000"),
+            "size": (whole(self.size, 32, 1080) and self.size % 2 == 0, "an even pixel count, 32 to 1080"),
+            "duration_s": (number(self.duration_s, 3.0, 600.0), "3 to 600 seconds (room for an action)"),
+            "fps": (whole(self.fps, 5, 60), "a whole number from 5 to 60"),
+            "audio": (isinstance(self.audio, bool), "true or false"),
+            "subtitle_fraction": (number(self.subtitle_fraction, 0.0, 1.0), "a fraction from 0 to 1"),
+            "audio_rate": (self.audio_rate in AAC_RATES, f"an AAC sample rate, one of {AAC_RATES}"),
+            "crf": (whole(self.crf, 0, 51), "an x264 quality from 0 to 51"),
+            "preset": (self.preset in X264_PRESETS, f"an x264 preset, one of {X264_PRESETS}"),
         }
         try:
             storage.canonical_uri(self.out)
         except ValueError as err:
             raise ValueError(f"out: {err}") from None
-        for name, ok in checks.items():
+        for name, (ok, must_be) in checks.items():
             if not ok:
-                raise ValueError(f"{name}: must be {hints[name]}, got {getattr(self, name)!r}")
+                raise ValueError(f"{name}: must be {must_be}, got {getattr(self, name)!r}")
         if self.videos + self.broken == 0:
             raise ValueError("videos: nothing to generate (videos and broken are both 0)")
 
@@ -183,12 +179,12 @@ class VideoPlan:
     actions: tuple[Segment, ...]
     highlights: tuple[Segment, ...]
     cues: tuple[Cue, ...]
-    # Nuisance: where the object rests, how big, what colour, and how each action moves it.
+    # Nuisance: where the object stands, how big, its colour, the scene's layout, how the camera moves.
     center: tuple[float, float]
     radius: float
     color: tuple[float, float, float]
     moves: tuple[Move, ...]  # one per action segment
-    scene: dict = field(default_factory=dict)
+    scene: dict[str, float]  # layout parameters in 0..1 (stripe period, lane positions, ...)
 
     @property
     def subtitle_file(self) -> str | None:
@@ -424,7 +420,7 @@ def grade(img: np.ndarray, valence: float, gain_jitter: float) -> np.ndarray:
     return out
 
 
-def render_frames(plan: VideoPlan, config: CorpusConfig):
+def render_frames(plan: VideoPlan, config: CorpusConfig) -> Iterator[np.ndarray]:
     """Yield the video's RGB uint8 frames one at a time (memory stays one frame whatever the length)."""
     size, fps = config.size, config.fps
     rng = video_rng(config.seed, plan.index, stream=3)
@@ -508,7 +504,11 @@ def render_audio(plan: VideoPlan, config: CorpusConfig) -> np.ndarray:
 
 
 def encode_mp4(
-    target: str | io.BytesIO, frames, audio: np.ndarray | None, config: CorpusConfig, size: int | None = None,
+    target: str | io.BytesIO,
+    frames: Iterable[np.ndarray] | None,
+    audio: np.ndarray | None,
+    config: CorpusConfig,
+    size: int | None = None,
 ) -> None:
     """Encode RGB frames (and mono audio) to H.264 yuv420p + AAC in MP4, single-threaded so bytes repeat."""
     size = size or config.size
@@ -544,6 +544,8 @@ def encode_mp4(
 
 
 def srt_text(cues: tuple[Cue, ...]) -> str:
+    """SubRip text for the cues."""
+
     def stamp(s: float) -> str:
         ms = round(s * 1000)
         return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"
@@ -571,13 +573,13 @@ def broken_bytes(config: CorpusConfig, k: int) -> tuple[str, str, bytes]:
         return kind, ".mp4", rng.bytes(int(rng.integers(20_000, 60_000)))
     if kind == "truncated_mp4":  # the moov atom sits after mdat, so cutting mid-file loses it
         data = valid_mp4()
-        return kind, ".mp4", data[: data.find(b"moov") // 2]
+        return kind, ".mp4", data[: data.rfind(b"moov") // 2]
     if kind == "text_as_mkv":
         return kind, ".mkv", b"This is not a video. It is a text file with a video extension.\n" * 20
     if kind == "garbage_packets":  # a valid container whose media payload is noise
         data = bytearray(valid_mp4())
         start = data.find(b"mdat") + 4
-        end = data.find(b"moov") - 4
+        end = data.rfind(b"moov") - 4
         data[start:end] = rng.bytes(end - start)
         return kind, ".mp4", bytes(data)
     return kind, ".mp4", valid_mp4(with_video=False)  # audio_only: no video stream at all

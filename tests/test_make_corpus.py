@@ -114,8 +114,24 @@ def test_videos_are_h264_aac_mp4_with_the_configured_geometry(corpus: Path, labe
             assert (video.width, video.height, video.average_rate) == (128, 128, 15)
             assert (audio.codec_context.name, audio.sample_rate) == ("aac", 16000)
             assert sum(1 for _ in container.decode(video=0)) == row["n_frames"] == 90
+            assert container.duration / 1e6 == pytest.approx(6.0, abs=0.1)
         assert (row["width"], row["height"], row["fps"], row["duration_s"]) == (128, 128, 15.0, 6.0)
         assert row["has_audio"]
+
+
+def test_size_duration_fps_and_audio_options(tmp_path: Path) -> None:
+    options = {"size": 64, "duration_s": 4.0, "fps": 10, "audio": False, "subtitle_fraction": 1.0}
+    main(corpus_config(tmp_path, videos=2, **options))
+    rows = pq.read_table(tmp_path / "labels.parquet").to_pylist()
+    for row in rows:
+        assert (row["width"], row["fps"], row["n_frames"], row["has_audio"], row["has_subtitles"]) == (
+            64, 10.0, 40, False, True)
+        assert all(seg["end_s"] <= 3.9 for seg in row["actions"] + row["highlights"])
+        with av.open(str(tmp_path / row["file"])) as container:
+            assert not container.streams.audio
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            assert container.streams.video[0].average_rate == 10
+        assert len(frames) == 40 and frames[0].shape == (64, 64, 3)
 
 
 def test_labels_manifest_schema_and_values(corpus: Path, labels: list[dict]) -> None:
@@ -344,13 +360,20 @@ def test_highlights_show_and_sound(corpus: Path, labels: list[dict], decoded) ->
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("videos", -1), ("seed", -5), ("broken", -1), ("size", 31), ("size", 16), ("duration_s", 1.0),
-     ("fps", 0), ("subtitle_fraction", 1.5), ("audio_rate", 12345), ("out", "gs://bucket/x")],
+    [("videos", -1), ("videos", 2.5), ("seed", -5), ("broken", -1), ("size", 31), ("size", 16),
+     ("duration_s", 1.0), ("fps", 0), ("audio", "yes"), ("subtitle_fraction", 1.5), ("audio_rate", 12345),
+     ("preset", "placebo"), ("out", "gs://bucket/x"), ("out", "")],
 )
 def test_bad_config_is_a_one_line_error_naming_the_field(field: str, value) -> None:
     kwargs = {"out": "corpus", field: value}
     with pytest.raises(ValueError, match=rf"^{field}: [^\n]+$"):
         CorpusConfig(**kwargs)
+
+
+def test_output_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"^out: .*taken is a file"):
+        main(corpus_config(tmp_path / "taken", videos=1))
 
 
 def test_corpus_written_to_s3_matches_the_local_one(corpus: Path, s3_bucket: str) -> None:
