@@ -326,7 +326,11 @@ def read_errors(uri: str) -> pa.Table:
     files = storage.list_files(uri, suffix=".parquet") if storage.exists(uri) else []
     if not files:
         return ERROR_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(storage.open_uri(f)) for f in files])
+    tables = []
+    for file in files:
+        filesystem, path = storage.arrow_filesystem(file)
+        tables.append(pq.read_table(path, filesystem=filesystem, schema=ERROR_SCHEMA))
+    return pa.concat_tables(tables)
 
 
 def _clips_udf(

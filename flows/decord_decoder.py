@@ -95,7 +95,7 @@ def _generate(
                 "decode", "DecordError", f"{path}: decord failed at frame {chunk[0]}: {first_line(exc)}"
             ) from None
         if batch.shape != (len(chunk), *upright, 3) or batch.dtype != np.uint8:
-            # decord2 pads rows for some widths (16, 32, 48, 96, 144 ...): get_batch raises on them,
+            # decord2 3.4 pads rows for some widths (16, 24, 48, 72 px seen): get_batch raises on them,
             # and were it to return, the padding would show up as extra "channels".
             raise VideoError(
                 "decode",

@@ -99,11 +99,13 @@ class Manifest:
 
 def read_manifest(uri: str) -> Manifest:
     """Read and check a labels manifest; errors are one line naming the file and the column or row."""
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"labels {uri}: not found")
+    # Through pyarrow's filesystem: reading a Python file object here leaves a pyarrow I/O thread that
+    # aborts the interpreter at exit once torch is loaded.
+    fs, path = storage.arrow_filesystem(uri)
     try:
-        with storage.open_uri(uri) as f:
-            table = pq.read_table(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"labels {uri}: not found") from None
+        table = pq.read_table(path, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as err:
         raise ValueError(f"labels {uri}: not a Parquet file ({' '.join(str(err).split())[:200]})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]

@@ -94,7 +94,16 @@ def _clips(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.what == "models":
+    if args.what == "tag":
+        from jobs import bench_tag
+
+        bench_tag.main(bench_tag.BenchTagConfig(**({"videos": args.videos} if args.videos else {})))
+    elif args.what == "train":
+        from jobs import bench_train
+
+        kwargs = {k: getattr(args, k) for k in ("clips", "workers") if getattr(args, k)}
+        bench_train.main(bench_train.BenchTrainConfig(use_gpu=args.gpu, **kwargs))
+    elif args.what == "models":
         from jobs import bench_models
 
         kwargs = {"batch_size": args.batch_size, "threads": args.threads}
@@ -109,10 +118,30 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from ray.train import TrainingFailedError
+
+    from jobs import train
+    from jobs.config import load_config
+
+    config = load_config(train.TrainConfig, args.config, args.overrides)
+    try:
+        result = train.main(config)
+    except TrainingFailedError as err:
+        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        print(
+            f"reelflow train: error: {first} (re-run the same command to resume from the last checkpoint)",
+            file=sys.stderr,
+        )
+        return 1
+    print(result.model_uri, flush=True)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from jobs import demo
 
-    demo.main(demo.DemoConfig(workdir=args.workdir, videos=args.videos))
+    demo.main(demo.DemoConfig(workdir=args.workdir, videos=args.videos, epochs=args.epochs, date=args.date))
     return 0
 
 
@@ -134,6 +163,33 @@ def _report(args: argparse.Namespace) -> int:
         query.trend_report(
             query.TrendReportConfig(label=args.label, tables=tables, plot=args.plot, model=args.model)
         )
+    return 0
+
+
+def _tag(args: argparse.Namespace) -> int:
+    from flows.predict import PredictConfig
+    from jobs import tag
+
+    predict = PredictConfig(batch_size=args.batch_size, concurrency=args.actors)
+    config = tag.TagConfig(
+        corpus=args.corpus,
+        models=tuple(args.model),
+        tables=args.tables,
+        date=args.date,
+        full=args.full,
+        tracking_uri=args.tracking_uri,
+        stride=args.stride,
+        predict=predict,
+    )
+    summary = tag.main(config)
+    return 1 if summary.failed and args.strict else 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from jobs import evaluate
+
+    metrics = evaluate.evaluate_model(args.model, args.corpus, args.labels, tracking_uri=args.tracking_uri)
+    evaluate.print_metrics(metrics)
     return 0
 
 
@@ -178,17 +234,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_clips)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios against a limit or a peer")
-    p.add_argument("what", choices=("models", "decode"))
+    p.add_argument("what", choices=("models", "decode", "train", "tag"))
     p.add_argument("--batch-size", type=int, default=8, help="models: clips per forward pass")
     p.add_argument("--models", help="models: comma-separated names")
     p.add_argument("--threads", type=int, help="models: torch threads (default: torch's own)")
     p.add_argument("--corpus", help="decode: an existing corpus instead of a generated one")
-    p.add_argument("--videos", type=int, help="decode: videos in the generated corpus")
+    p.add_argument("--videos", type=int, help="decode, tag: videos in the generated corpus")
+    p.add_argument("--clips", type=int, help="train: pre-decoded clips per epoch")
+    p.add_argument("--workers", type=int, help="train: Ray Train workers (1 torch thread each)")
+    p.add_argument("--gpu", action="store_true", help="train: one GPU per worker, and for the plain loop")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("train", help="train a model with Ray Train, tracked and registered in MLflow")
+    p.add_argument("--config", required=True, help="YAML config, e.g. jobs/configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any field, e.g. optim.epochs=4")
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("demo", help="the main job on the embedded default, all state in one folder")
     p.add_argument("--workdir", default="reelflow-demo", help="folder holding every artefact of the demo")
-    p.add_argument("--videos", type=int, default=48)
+    p.add_argument("--videos", type=int, default=160, help="labelled videos in the generated corpus")
+    p.add_argument("--epochs", type=int, help="training epochs (default: jobs/configs/demo.yaml's)")
+    p.add_argument("--date", help="the night to tag, YYYY-MM-DD (default: today, UTC)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("query", help="SQL over the committed tables (DuckDB views named after the tables)")
@@ -213,6 +279,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", metavar="FILE.png", help="also write the trend as a PNG chart")
     r.add_argument("--model", help="only this model_name's predictions")
     r.set_defaults(func=_report)
+    p = sub.add_parser("tag", help="the nightly job: tag new videos with every model head into the tables")
+    p.add_argument("--corpus", required=True, help="folder or s3:// prefix holding videos")
+    model_help = "models:/NAME/VERSION or models:/NAME@ALIAS (repeatable)"
+    p.add_argument("--model", required=True, action="append", help=model_help)
+    p.add_argument("--tables", required=True, help="folder or s3:// prefix of the tables")
+    p.add_argument("--date", required=True, help="the night's run_date, YYYY-MM-DD")
+    p.add_argument("--full", action="store_true", help="tag every video again, not only new ones")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--stride", type=int, help="frames between window starts (default: the clip length)")
+    p.add_argument("--batch-size", type=int, default=16, help="clips per inference batch")
+    p.add_argument("--actors", type=int, help="inference actors (default: one per GPU, else 1)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any video failed")
+    p.set_defaults(func=_tag)
+
+    p = sub.add_parser("evaluate", help="score a registered model on labelled videos; last line is JSON")
+    p.add_argument("--model", required=True, help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    p.add_argument("--corpus", required=True, help="folder or s3:// prefix holding the videos")
+    p.add_argument("--labels", help="labels manifest (default: CORPUS/labels.parquet)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.set_defaults(func=_evaluate)
     return parser
 
 

@@ -1,57 +1,105 @@
 """`reelflow demo`: the main job on the embedded default, every artefact under one local folder.
 
-Today it generates a labelled corpus (with a few broken files) and runs the clip dataflow over it on
-local Ray; training, tagging and the daily report join it as those jobs land.
+    reelflow demo [--workdir reelflow-demo] [--videos 160] [--epochs N]
+
+1. generate a labelled corpus with a few unreadable files (`make-corpus`);
+2. train the small multi-task model with Ray Train on 2 CPU workers (`jobs/configs/demo.yaml`), tracked and
+   registered in MLflow (SQLite under the workdir), evaluated on its held-out videos;
+3. tag the whole corpus with the registered model into the Parquet tables (`reelflow tag`);
+4. print the daily report and draw it as a PNG.
+
+Local Ray, a folder as object store and MLflow on SQLite: nothing to set up. A second run reuses the corpus,
+resumes the finished training run, and tags nothing new.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.clips import ClipConfig
-from jobs import clips, make_corpus
+from jobs import make_corpus, query, tag, train
+from jobs.config import load_config
 from jobs.runtime import console
+
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Where the demo keeps its state and how big a corpus it makes."""
+    """Where the demo keeps its state, how big a corpus it makes and how long it trains."""
 
     workdir: str = "reelflow-demo"
-    videos: int = 48
+    videos: int = 160
     broken: int = 3
     seed: int = 0
+    epochs: int | None = None  # None: demo.yaml's
+    date: str | None = None  # the night the tables are written for; None: today (UTC)
 
     def __post_init__(self) -> None:
-        if self.videos < 1:
-            raise ValueError(f"demo: videos={self.videos} must be >= 1")
+        if self.videos < 20:
+            raise ValueError(f"videos: must be >= 20 (a validation split per category), got {self.videos}")
+        if self.broken < 0:
+            raise ValueError(f"broken: must be >= 0, got {self.broken}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs: must be >= 1, got {self.epochs}")
 
 
-def main(config: DemoConfig) -> clips.ClipsSummary:
-    """Generate a corpus, then decode it into clips and an errors table."""
+@dataclass(frozen=True)
+class DemoResult:
+    """What the demo produced, for a caller (or a test) to look at."""
+
+    workdir: Path
+    model_uri: str
+    evaluation: dict[str, float]
+    tag: tag.TagSummary
+    report: query.DailyReport
+
+
+def main(config: DemoConfig) -> DemoResult:
+    """Generate, train, tag, report."""
     workdir = Path(config.workdir).resolve()
-    corpus = workdir / "corpus"
+    corpus, tables = workdir / "corpus", workdir / "tables"
+    tracking_uri = f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}"
+    (workdir / "mlflow").mkdir(parents=True, exist_ok=True)
+    date = config.date or dt.datetime.now(dt.timezone.utc).date().isoformat()
     console.rule("[bold]reelflow demo")
-    console.print(f"all state in {workdir}")
+    console.print(f"all state in {workdir}; MLflow UI: mlflow ui --backend-store-uri {tracking_uri}")
 
-    if not (corpus / "labels.parquet").exists():
-        console.print(f"[bold]1/2[/] generating {config.videos} labelled videos (+{config.broken} broken)")
+    if (corpus / "labels.parquet").exists():
+        console.print(f"[bold]1/4[/] corpus already in {corpus}")
+    else:
+        console.print(f"[bold]1/4[/] generating {config.videos} labelled videos (+{config.broken} broken)")
         make_corpus.main(
             make_corpus.CorpusConfig(
-                out=str(corpus), videos=config.videos, seed=config.seed, broken=config.broken
+                out=str(corpus), videos=config.videos, seed=config.seed, broken=config.broken, size=64,
+                duration_s=8.0, fps=15,
             )
-        )
-    else:
-        console.print(f"[bold]1/2[/] corpus already in {corpus}")
+        )  # fmt: skip
 
-    console.print("[bold]2/2[/] decoding 16-frame clips at 112x112 on local Ray")
-    summary = clips.main(
-        clips.ClipsJobConfig(
-            corpus=str(corpus),
-            out=str(workdir / "clips"),
-            clips=ClipConfig(clip_len=16, size=(112, 112), sampling="uniform", clips_per_video=4, audio=True),
+    console.print("[bold]2/4[/] training the small multi-task model on 2 Ray Train workers")
+    overrides = [
+        f"corpus={corpus}",
+        f"storage={workdir / 'runs'}",
+        f"mlflow.tracking_uri={tracking_uri}",
+        f"seed={config.seed}",
+    ]
+    if config.epochs is not None:
+        overrides.append(f"optim.epochs={config.epochs}")
+    trained = train.main(load_config(train.TrainConfig, DEMO_CONFIG, overrides))
+    console.print(f"registered {trained.model_uri}")
+
+    console.print(f"[bold]3/4[/] tagging the corpus for {date}")
+    tagged = tag.main(
+        tag.TagConfig(
+            corpus=str(corpus), models=(trained.model_uri,), tables=str(tables), date=date,
+            tracking_uri=tracking_uri,
         )
-    )
-    console.print(f"clips in {workdir / 'clips' / 'clips'}, errors in {workdir / 'clips' / 'errors'}")
-    return summary
+    )  # fmt: skip
+
+    console.print("[bold]4/4[/] the morning report")
+    plot = workdir / f"daily-{date}.png"
+    report = query.daily_report(query.DailyReportConfig(tables=str(tables), date=date, plot=str(plot)))
+    example = "SELECT label, count(*) AS videos FROM classifications WHERE rank = 1 GROUP BY label"
+    console.print(f'ask more: reelflow query "{example}" --tables {tables}')
+    return DemoResult(workdir, trained.model_uri, dict(trained.evaluation), tagged, report)

@@ -7,41 +7,31 @@
   ground-truth highlight mask (the SumMe / TVSum protocol of Zhang et al. 2016, as evaluated by VASNet);
 - per-class confusion matrix and precision / recall / F1 / support.
 
-The tag job uses `segments_from_windows` and `select_highlights` to write its `actions` and `highlights`
-rows, so what is evaluated is exactly what is tagged.
+Window → segment merging and the knapsack shot selection live in `flows.aggregate` (the tag job writes its
+`actions` and `highlights` rows with them), so what is evaluated is exactly what is tagged; they are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from flows.aggregate import (  # noqa: F401  (re-exported: the metrics' vocabulary)
+    Segment,
+    TimeGrid,
+    default_shot_s,
+    fixed_shots,
+    knapsack,
+    segments_from_windows,
+    select_highlights,
+)
+
 # Two IoUs this close count as equal, so that a segment exactly at the threshold matches despite rounding
 # (e.g. 0.1 s steps: (0.3 - 0.1) / (0.5 - 0.1) is 0.49999999999999994 in binary floating point).
 IOU_TOLERANCE = 1e-9
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A labelled time span in seconds with a confidence score."""
-
-    start_s: float
-    end_s: float
-    label: Hashable = ""
-    score: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.start_s) and math.isfinite(self.end_s)) or self.end_s < self.start_s:
-            raise ValueError(
-                f"segment: start_s={self.start_s}, end_s={self.end_s} must be finite, start <= end"
-            )
-
-    @property
-    def duration_s(self) -> float:
-        return self.end_s - self.start_s
 
 
 # --- classification -----------------------------------------------------------------------------------
@@ -113,41 +103,6 @@ def valence_mae(true_valence: Sequence[float], pred_valence: Sequence[float]) ->
 # --- action segments ----------------------------------------------------------------------------------
 
 
-def segments_from_windows(
-    window_labels: Sequence[Hashable],
-    window_times: np.ndarray | Sequence[tuple[float, float]],
-    background_label: Hashable,
-    window_scores: Sequence[float] | None = None,
-) -> list[Segment]:
-    """Merge runs of consecutive windows with the same non-background label into segments.
-
-    Windows come in time order (`window_times` [W, 2] start and end, starts non-decreasing); a segment
-    spans its first window's start to the latest end in its run, and its score is the mean of the run's
-    window scores (1.0 when none are given).
-    """
-    times = np.asarray(window_times, dtype=np.float64).reshape(-1, 2)
-    n = len(window_labels)
-    if times.shape[0] != n:
-        raise ValueError(f"segments_from_windows: {n} labels but {times.shape[0]} window times")
-    scores = np.ones(n) if window_scores is None else np.asarray(window_scores, dtype=np.float64)
-    if scores.shape != (n,):
-        raise ValueError(f"segments_from_windows: {n} labels but {scores.shape} scores")
-    if n and (np.any(times[:, 1] < times[:, 0]) or np.any(np.diff(times[:, 0]) < 0)):
-        raise ValueError("segments_from_windows: windows must have start <= end and come in time order")
-
-    segments: list[Segment] = []
-    i = 0
-    while i < n:
-        j = i + 1
-        while j < n and window_labels[j] == window_labels[i]:
-            j += 1
-        if window_labels[i] != background_label:
-            end, score = float(times[i:j, 1].max()), float(scores[i:j].mean())
-            segments.append(Segment(float(times[i, 0]), end, window_labels[i], score))
-        i = j
-    return segments
-
-
 def temporal_iou(a: Segment, b: Segment) -> float:
     """Intersection over union of two time spans (0 when both are empty)."""
     inter = max(0.0, min(a.end_s, b.end_s) - max(a.start_s, b.start_s))
@@ -214,93 +169,6 @@ def segment_f1(pred: Iterable[Segment], true: Iterable[Segment], iou: float = 0.
 # --- highlights ---------------------------------------------------------------------------------------
 
 
-def knapsack(values: Sequence[float], weights: Sequence[int], capacity: int) -> list[int]:
-    """Indices (ascending) of the items of greatest total value whose total weight is at most `capacity`.
-
-    The exact 0/1 knapsack by dynamic programming over integer weights, O(items × capacity): the shot
-    selection step of the SumMe / TVSum summary protocol (Zhang et al. 2016; VASNet, Fajtl et al. 2018).
-    Items of non-positive value are never taken, so importance scores should be >= 0 (e.g. sigmoids).
-    """
-    values = np.asarray(values, dtype=np.float64)
-    weights = np.asarray(weights)
-    if values.shape != weights.shape or values.ndim != 1:
-        raise ValueError(
-            f"knapsack: values and weights must be 1-D of one length, got {values.shape}, {weights.shape}"
-        )
-    if weights.size and (not np.issubdtype(weights.dtype, np.integer) or weights.min() < 0):
-        raise ValueError("knapsack: weights must be non-negative integers")
-    if capacity < 0:
-        raise ValueError(f"knapsack: capacity={capacity} must be >= 0")
-
-    best = np.zeros(capacity + 1)  # best[c]: greatest value with total weight <= c
-    take = np.zeros((len(values), capacity + 1), dtype=bool)
-    for i, (value, weight) in enumerate(zip(values, weights.astype(np.int64), strict=True)):
-        if value <= 0 or weight > capacity:
-            continue
-        with_item = best[: capacity + 1 - weight] + value
-        better = with_item > best[weight:]
-        take[i, weight:] = better
-        best[weight:] = np.where(better, with_item, best[weight:])
-    chosen, c = [], capacity
-    for i in range(len(values) - 1, -1, -1):
-        if take[i, c]:
-            chosen.append(i)
-            c -= int(weights[i])
-    return sorted(chosen)
-
-
-def fixed_shots(duration_s: float, shot_s: float = 2.0) -> list[tuple[float, float]]:
-    """Consecutive shots of `shot_s` seconds covering [0, duration_s] (the last one may be shorter).
-
-    The stand-in for KTS shot boundaries when a video has none: SumMe / TVSum select whole shots.
-    """
-    if duration_s <= 0 or shot_s <= 0:
-        raise ValueError(f"fixed_shots: duration_s={duration_s} and shot_s={shot_s} must be > 0")
-    n = max(1, math.ceil(duration_s / shot_s - 1e-9))
-    return [(i * shot_s, min((i + 1) * shot_s, duration_s)) for i in range(n)]
-
-
-def select_highlights(
-    importance: Sequence[float],
-    step_times: Sequence[float],
-    duration_s: float,
-    budget: float = 0.15,
-    shots: Sequence[tuple[float, float]] | None = None,
-    shot_s: float | None = None,
-    resolution_s: float = 0.1,
-) -> list[Segment]:
-    """The shots a summary keeps: a 0/1 knapsack over shots, value = mean importance, weight = duration.
-
-    `importance[i]` holds from `step_times[i]` (ascending) until the next step, as VASNet spreads its
-    sub-sampled frame scores over the frames between them. Time is cut into `resolution_s` steps; a
-    shot's value is the mean importance of its steps and the total duration kept is at most
-    `budget` × the video's. Without `shots`, fixed shots of `shot_s` seconds; by default 2 s, shorter
-    for short videos (budget × duration / 3) so that a summary can hold a few. Returns
-    `Segment(start, end, "highlight", mean importance)`, most important first (the table's rank order).
-    """
-    if not 0.0 < budget <= 1.0:
-        raise ValueError(f"select_highlights: budget={budget} must be in (0, 1]")
-    grid = _TimeGrid(duration_s, resolution_s)
-    step_values = grid.spread(importance, step_times)
-    if shots is None:
-        shots = fixed_shots(duration_s, shot_s or default_shot_s(duration_s, budget, resolution_s))
-    spans = list(shots)
-    masks = [grid.mask([(start, end)]) for start, end in spans]
-    weights = np.array([int(m.sum()) for m in masks], dtype=np.int64)
-    values = np.array([float(step_values[m].mean()) if m.any() else 0.0 for m in masks])
-    chosen = knapsack(values, weights, math.floor(budget * grid.n + 1e-9))
-    selected = [
-        Segment(float(spans[i][0]), float(spans[i][1]), "highlight", float(values[i])) for i in chosen
-    ]
-    return sorted(selected, key=lambda s: (-s.score, s.start_s))
-
-
-def default_shot_s(duration_s: float, budget: float = 0.15, resolution_s: float = 0.1) -> float:
-    """2 s shots, or shorter ones (whole steps, at least one) when the budget would hold fewer than three."""
-    steps = math.floor(min(2.0, budget * duration_s / 3) / resolution_s + 1e-9)
-    return max(1, steps) * resolution_s
-
-
 def highlight_f1(
     pred_importance: Sequence[float],
     step_times: Sequence[float],
@@ -318,7 +186,7 @@ def highlight_f1(
     length, as in VASNet's `evaluate_summary` (0 when they do not overlap; one annotator, so no max or
     mean over users). Returns F1 in [0, 1].
     """
-    grid = _TimeGrid(duration_s, resolution_s)
+    grid = TimeGrid(duration_s, resolution_s)
     selected = select_highlights(pred_importance, step_times, duration_s, budget, shots, shot_s, resolution_s)
     pred = grid.mask([(s.start_s, s.end_s) for s in selected])
     truth = grid.mask([(s.start_s, s.end_s) if isinstance(s, Segment) else s for s in true_segments])
@@ -327,34 +195,6 @@ def highlight_f1(
         return 0.0
     precision, recall = overlap / pred.sum(), overlap / truth.sum()
     return float(2 * precision * recall / (precision + recall))
-
-
-class _TimeGrid:
-    """[0, duration) cut into equal steps; a step belongs to a span when its centre falls inside it."""
-
-    def __init__(self, duration_s: float, resolution_s: float) -> None:
-        if not duration_s > 0 or not resolution_s > 0:
-            raise ValueError(
-                f"highlights: duration_s={duration_s} and resolution_s={resolution_s} must be > 0"
-            )
-        self.n = max(1, math.ceil(duration_s / resolution_s - 1e-9))
-        self.centres = (np.arange(self.n) + 0.5) * resolution_s
-
-    def mask(self, spans: Iterable[tuple[float, float]]) -> np.ndarray:
-        out = np.zeros(self.n, dtype=bool)
-        for start, end in spans:
-            out |= (self.centres >= start) & (self.centres < end)
-        return out
-
-    def spread(self, values: Sequence[float], times: Sequence[float]) -> np.ndarray:
-        values, times = np.asarray(values, dtype=np.float64), np.asarray(times, dtype=np.float64)
-        if values.ndim != 1 or values.shape != times.shape or values.size == 0:
-            shapes = f"{values.shape}, {times.shape}"
-            raise ValueError(f"highlights: importance and step_times must be 1-D of one length, got {shapes}")
-        if np.any(np.diff(times) < 0):
-            raise ValueError("highlights: step_times must be ascending")
-        index = np.clip(np.searchsorted(times, self.centres, side="right") - 1, 0, values.size - 1)
-        return values[index]
 
 
 # --- helpers ------------------------------------------------------------------------------------------

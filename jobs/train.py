@@ -21,6 +21,7 @@ Reads top to bottom as the job runs:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ import math
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +40,7 @@ from torch import nn
 
 from flows import labels as flabels
 from flows import storage
-from flows.clips import ClipConfig, VideoRow, clip_dataset, list_video_rows, read_errors, video_dataset
+from flows.clips import ClipConfig, VideoRow, clip_dataset, list_video_rows, video_dataset
 from flows.transforms import Augment, audio_crop, augment, flip_labels, temporal_crop
 from jobs.config import ConfigError, redact
 from models import MODELS, build, head_loss, save_model
@@ -162,6 +163,7 @@ class DataSection:
     flip: bool = True
     flip_pairs: dict[str, str] = field(default_factory=dict)
     cache: bool = True
+    in_memory: bool = True
     shuffle_buffer: int = 256
     decoder: Literal["auto", "decord", "pyav"] = "auto"
 
@@ -330,8 +332,6 @@ class Plan:
     """What the job will train on: the videos of each split, their labels and the model's heads."""
 
     manifest: flabels.Manifest
-    train_rows: tuple[VideoRow, ...]
-    val_rows: tuple[VideoRow, ...]
     corpus: str
     train_rows: tuple[VideoRow, ...]
     val_rows: tuple[VideoRow, ...]
@@ -524,7 +524,13 @@ def prepare_data(config: TrainConfig, plan: Plan, aug: Augment) -> TrainData:
         val = _read_cache(storage.join_uri(cache, "validation"))
     train = train.select_columns(columns)
     val = val.select_columns(columns)
-    errors = read_errors(errors_uri).num_rows if storage.exists(errors_uri) else 0
+    if config.data.in_memory:
+        # Read (or decode) once into Ray's object store: epochs then cost no Parquet decoding at all.
+        train, val = train.materialize(), val.materialize()
+        n_train = train.count()
+        train = train.randomize_block_order()
+    # One error file per failed video (flows.clips.ErrorSink).
+    errors = len(storage.list_files(errors_uri, ".parquet")) if storage.exists(errors_uri) else 0
     return TrainData(train, val, n_train, errors)
 
 
@@ -572,9 +578,11 @@ def _parquet_rows(uri: str) -> int:
 
     if not storage.exists(uri):
         return 0
-    return sum(
-        pq.ParquetFile(storage.open_uri(f)).metadata.num_rows for f in storage.list_files(uri, ".parquet")
-    )
+    total = 0
+    for file in storage.list_files(uri, ".parquet"):
+        fs, path = storage.arrow_filesystem(file)
+        total += pq.ParquetFile(path, filesystem=fs).metadata.num_rows
+    return total
 
 
 # --- the training loop (runs in every Ray Train worker) --------------------------------------------------
@@ -792,7 +800,14 @@ def train_epoch(
     model.train()
     sums: dict[str, float] = {}
     clips = micro = 0
-    for batch in batches:
+    waited = 0.0  # seconds spent waiting for data: what the data plane costs the GPU (or CPU)
+    iterator = iter(batches)
+    while True:
+        asked = time.perf_counter()
+        batch = next(iterator, None)
+        waited += time.perf_counter() - asked
+        if batch is None:
+            break
         frames, views = augment(batch["frames"], aug, generator)
         targets = train_targets(batch, views, aug, labels, device)
         inputs = model_inputs(module, frames, _audio_view(batch, views, aug), device)
@@ -806,13 +821,14 @@ def train_epoch(
             _step(model, optimizer, schedule, state, config.optim.grad_clip)
         n = int(frames.shape[0])
         clips += n
-        sums["train_loss"] = sums.get("train_loss", 0.0) + float(total) * n
+        sums["train_loss"] = sums.get("train_loss", 0.0) + float(total.detach()) * n
         for task, loss in losses.items():
-            sums[f"train_loss_{task}"] = sums.get(f"train_loss_{task}", 0.0) + float(loss) * n
+            sums[f"train_loss_{task}"] = sums.get(f"train_loss_{task}", 0.0) + float(loss.detach()) * n
     if micro % accum:  # the epoch's last, partial accumulation group (same count on every worker)
         _step(model, optimizer, schedule, state, config.optim.grad_clip)
     out = {k: v / max(clips, 1) for k, v in sums.items()}
     out["train_clips"] = float(clips)
+    out["train_data_wait_s"] = waited
     return out
 
 
@@ -841,8 +857,6 @@ def _step(
 
 
 def _maybe_no_sync(model: nn.Module, skip_sync: bool) -> Any:
-    import contextlib
-
     return model.no_sync() if skip_sync and hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
@@ -1053,19 +1067,23 @@ def main(config: TrainConfig) -> TrainResult:
     _log_split(run_id, plan, tracking_uri)
 
     init_ray(config.scaling.ray_address)
-    data = prepare_data(config, plan, aug)
-    if data.errors:
-        console.print(f"[yellow]{data.errors} videos could not be decoded (see {config.run_uri}/errors)")
-    started = time.perf_counter()
+    # Ray Data logs each dataset's plan and progress at INFO; the job prints its own summary lines.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
+        data = prepare_data(config, plan, aug)
+        if data.errors:
+            console.print(f"[yellow]{data.errors} videos could not be decoded (see {config.run_uri}/errors)")
+        started = time.perf_counter()
         result = _fit(config, plan, aug, data, run_id, tracking_uri)
-    except Exception:
-        tracking.finish_run(run_id, "FAILED", tracking_uri=tracking_uri)
+        console.print(f"train: fit took {time.perf_counter() - started:.0f} s")
+        model_uri, metrics = _register(config, plan, result, run_id, tracking_uri)
+        evaluation = (
+            _evaluate(config, plan, model_uri, run_id, tracking_uri) if config.mlflow.evaluate else {}
+        )
+    except BaseException:  # Ctrl-C too: the run shows it did not finish; re-running resumes it
+        with contextlib.suppress(Exception):  # the job's own error is the one to show
+            tracking.finish_run(run_id, "FAILED", tracking_uri=tracking_uri)
         raise
-    console.print(f"train: fit took {time.perf_counter() - started:.0f} s")
-
-    model_uri, metrics = _register(config, plan, result, run_id, tracking_uri)
-    evaluation = _evaluate(config, plan, model_uri, run_id, tracking_uri) if config.mlflow.evaluate else {}
     tracking.finish_run(run_id, tracking_uri=tracking_uri)
     returned = result.return_value or {}
     return TrainResult(
@@ -1207,32 +1225,15 @@ def _evaluate(
     from jobs.evaluate import evaluate_model
     from jobs.runtime import console
 
-    with _tracking_env(tracking_uri):
-        metrics = evaluate_model(model_uri, config.corpus, config.labels_uri, videos=plan.val_files)
+    metrics = evaluate_model(
+        model_uri, config.corpus, labels=config.labels_uri, videos=plan.val_files, tracking_uri=tracking_uri
+    )
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     tracking.log_metrics(
         run_id, {f"eval_{k}": v for k, v in numbers.items()}, config.optim.epochs, tracking_uri=tracking_uri
     )
     MlflowClient(tracking_uri).log_text(run_id, json.dumps(metrics, indent=1, default=str), "evaluation.json")
-    console.print("train: validation videos " + ", ".join(f"{k} {v:.3f}" for k, v in numbers.items()))
+    counts = ("videos", "videos_scored", "videos_failed", "clips")
+    shown = ", ".join(f"{k} {v:.0f}" if k in counts else f"{k} {v:.3f}" for k, v in numbers.items())
+    console.print(f"train: validation videos: {shown}")
     return numbers
-
-
-def _tracking_env(uri: str) -> Any:
-    """MLFLOW_TRACKING_URI set to `uri` for the block (evaluate_model resolves the model through it)."""
-    import contextlib
-    import os
-
-    @contextlib.contextmanager
-    def scope() -> Iterator[None]:
-        saved = os.environ.get("MLFLOW_TRACKING_URI")
-        os.environ["MLFLOW_TRACKING_URI"] = uri
-        try:
-            yield
-        finally:
-            if saved is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = saved
-
-    return scope()

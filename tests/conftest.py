@@ -232,7 +232,9 @@ def tagging_model(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) 
                   step_heads=["action"], clip_len=16, frame_size=[64, 64], fps=15.0,
                   channels=[8, 16, 32, 64], hidden=64)  # fmt: skip
     config = ClipConfig(clip_len=16, size=(64, 64), sampling="sliding", target_fps=15.0)
-    frames, targets = [], {"category": [], "sentiment": [], "valence": [], "action_steps": [], "importance": []}
+    frames: list = []
+    names = ("category", "sentiment", "valence", "action_steps", "importance")
+    targets: dict[str, list] = {k: [] for k in names}
     index = label_set.index()
     for row in list_video_rows(str(small_corpus)):
         file = flabels.relative_file(row.uri, str(small_corpus))
@@ -261,7 +263,7 @@ def tagging_model(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) 
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     gen = torch.Generator().manual_seed(0)
-    for _ in range(12):
+    for _ in range(8):
         for batch in torch.randperm(len(x_all), generator=gen).split(16):
             outputs = model(model.spec.prepare(x_all[batch.numpy()]))
             loss = head_loss(outputs, {k: v[batch] for k, v in t_all.items()}, model.spec)

@@ -1,0 +1,168 @@
+"""Batch prediction: clip rows → per-clip outputs of every head of every model, in a Ray Data actor pool.
+
+Decoding (`flows.clips`, CPU tasks) and inference (this module, a pool of actors that each load the
+models once) are separate stages, so each scales on its own: more decode tasks on CPU nodes, one
+inference actor per GPU (or a few CPU actors on a machine without one).
+
+Models come from `loaders`: picklable zero-argument callables that return a module with a `spec`
+(e.g. `functools.partial(jobs.tracking.load_model, ...)`), so this data plane never imports the
+registry client itself. Output columns are named `m<i>.<head>` (model index i in `loaders`):
+probabilities [K] for classification heads, per-frame probabilities [T, K] for `<head>_steps`, a
+float for scalar heads (valence, importance).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# Clip-row columns that only the models read; everything else passes through to the prediction rows.
+INPUT_COLUMNS = ("frames", "audio", "text")
+STEPS_SUFFIX = "_steps"
+
+ModelLoader = Callable[[], Any]
+
+
+def output_column(model_index: int, key: str) -> str:
+    """The column holding model `model_index`'s output `key` (a head or `<head>_steps`)."""
+    return f"m{model_index}.{key}"
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """How the inference stage runs.
+
+    `use_gpu=None` uses GPU actors when the cluster has GPUs. `concurrency` is the most actors (default:
+    one per GPU, or `cpu_actors` on CPU). `num_cpus` is reserved per actor: by default 1 for a GPU actor
+    (to feed it) and 0 for a CPU actor, whose model is several times faster than decoding, so that decode
+    tasks may use every core and the actor's torch `threads` (default 1) share them. `memory_gb` is
+    reserved per actor for its models and batches; that resource shape, unlike the decode tasks', also
+    keeps Ray Data from fusing decoding into the actors, so the two stages run (and scale) separately.
+    """
+
+    batch_size: int = 16
+    concurrency: int | None = None
+    use_gpu: bool | None = None
+    num_cpus: float | None = None
+    cpu_actors: int = 1
+    threads: int | None = None
+    memory_gb: float = 1.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("concurrency", self.concurrency is None or self.concurrency >= 1, "must be >= 1"),
+            ("num_cpus", self.num_cpus is None or self.num_cpus >= 0, "must be >= 0"),
+            ("cpu_actors", self.cpu_actors >= 1, "must be >= 1"),
+            ("threads", self.threads is None or self.threads >= 1, "must be >= 1"),
+            ("memory_gb", self.memory_gb > 0, "must be > 0"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"predict config: {name}={getattr(self, name)!r} {why}")
+
+
+class ClipPredictor:
+    """Ray Data callable class: loads the models once per actor, then predicts every head on each batch."""
+
+    def __init__(
+        self, loaders: Sequence[ModelLoader], use_gpu: bool = False, threads: int | None = None
+    ) -> None:
+        import torch
+
+        if threads and not use_gpu:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.models = [loader().to(self.device).eval() for loader in loaders]
+        if not self.models:
+            raise ValueError("predict: give at least one model")
+        # bf16 only where the hardware has it: on CPU it is orders of magnitude slower here.
+        self.autocast = use_gpu
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        out = {k: v for k, v in batch.items() if k not in INPUT_COLUMNS}
+        for i, model in enumerate(self.models):
+            inputs = model_inputs(model.spec, batch, self.device)
+            with (
+                torch.inference_mode(),
+                torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast),
+            ):
+                outputs = model(inputs)
+            out.update(head_outputs(i, model.spec, outputs))
+        return out
+
+
+def model_inputs(spec: Any, batch: dict[str, np.ndarray], device: Any) -> Any:
+    """A model's input from a clip batch: normalized clips, plus audio and text if the model reads them."""
+    import torch
+
+    video = spec.prepare(np.asarray(batch["frames"])).to(device, non_blocking=True)
+    if tuple(spec.modalities) == ("video",):
+        return video
+    inputs: dict[str, Any] = {"video": video}
+    if "audio" in spec.modalities:
+        audio = np.stack([np.asarray(a, dtype=np.float32) for a in batch["audio"]])
+        inputs["audio"] = torch.from_numpy(audio).to(device)
+    if "text" in spec.modalities:
+        inputs["text"] = [str(t) for t in batch["text"]]
+    return inputs
+
+
+def head_outputs(model_index: int, spec: Any, outputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A model's raw outputs as prediction columns: softmax for classification heads (an ensemble's
+    log-probabilities come back as its averaged distribution), scalar heads as they are."""
+    import torch
+
+    scalar = {h for h, labels in spec.heads.items() if not labels}
+    columns = {}
+    for key, value in outputs.items():
+        head = key.removesuffix(STEPS_SUFFIX)
+        if head not in spec.heads:
+            continue  # e.g. "features"
+        value = value.float()
+        value = value if head in scalar else torch.softmax(value, dim=-1)
+        columns[output_column(model_index, key)] = value.cpu().numpy()
+    return columns
+
+
+def cluster_has_gpus() -> bool:
+    """Whether the connected Ray cluster has any GPU."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def predict_dataset(
+    clips: Any, loaders: Sequence[ModelLoader], config: PredictConfig = PredictConfig()
+) -> Any:
+    """Lazy Ray Dataset of clip rows → lazy Dataset of prediction rows (clip columns minus the inputs,
+    plus one column per model output)."""
+    if not loaders:
+        raise ValueError("predict: give at least one model")
+    use_gpu = cluster_has_gpus() if config.use_gpu is None else config.use_gpu
+    import ray.data
+
+    if use_gpu:
+        actors = config.concurrency or max(1, int(ray.cluster_resources().get("GPU", 1)))
+    else:
+        actors = config.concurrency or config.cpu_actors
+    num_cpus = config.num_cpus if config.num_cpus is not None else (1.0 if use_gpu else 0.0)
+    return clips.map_batches(
+        ClipPredictor,
+        fn_constructor_kwargs={
+            "loaders": list(loaders),
+            "use_gpu": use_gpu,
+            "threads": config.threads or max(1, round(num_cpus)),
+        },
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=num_cpus,
+        memory=int(config.memory_gb * 2**30),
+    )

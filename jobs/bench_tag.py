@@ -1,0 +1,198 @@
+"""`reelflow bench tag`: the nightly job end to end against its two limits, and the cost of a quiet night.
+
+Measured in one run over one generated corpus and one registered model (the demo's multitask CNN-LSTM;
+throughput does not depend on its weights):
+- decode limit: the clip dataflow alone (`flows.clips`, the tag job's sliding windows) on every core;
+- model compute limit: a plain PyTorch loop over the same clips, already decoded (best of one thread
+  and every core);
+- end to end: `reelflow tag` into empty tables (listing, decoding, the actor pool, aggregation, the
+  commit and the MLflow run included), clips/s over the job's wall time;
+- re-run: the same command again with no new videos, relative to the full run's wall time.
+The ratio end-to-end / min(decode limit, model limit) has a target of ≥ 0.7, the re-run cost ≤ 0.05.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flows.clips import clip_dataset, list_video_rows, video_dataset
+from flows.predict import PredictConfig
+from jobs import benchmarks, make_corpus, tag
+from jobs.runtime import console, init_ray
+
+
+@dataclass(frozen=True)
+class BenchTagConfig:
+    """The generated corpus, the model and how the tag job runs."""
+
+    # About 3,600 windows: a few minutes of work, so that the job's fixed start-up (Ray, the actor pool, the
+    # first batch: ~10 s here) weighs as it would on a night of real catalog, not as on a toy run.
+    videos: int = 64
+    frame_size: int = 128
+    duration_s: float = 60.0
+    fps: int = 15
+    clip_len: int = 16
+    size: int = 64
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    hidden: int = 128
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    record: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("videos", "frame_size", "fps", "clip_len", "size", "hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"bench tag: {name}={getattr(self, name)} must be >= 1")
+
+
+@dataclass(frozen=True)
+class BenchTagResult:
+    decode_clips_per_s: float
+    model_clips_per_s: float
+    end_to_end_clips_per_s: float
+    full_s: float
+    rerun_s: float
+    clips: int
+    startup_s: float
+    steady_clips_per_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.end_to_end_clips_per_s / min(self.decode_clips_per_s, self.model_clips_per_s)
+
+    @property
+    def steady_ratio(self) -> float:
+        return self.steady_clips_per_s / min(self.decode_clips_per_s, self.model_clips_per_s)
+
+    @property
+    def rerun_cost(self) -> float:
+        return self.rerun_s / self.full_s
+
+
+def main(config: BenchTagConfig) -> BenchTagResult:
+    """Run the four measurements, print them and (with `record`) append them to BENCHMARKS.md."""
+    with tempfile.TemporaryDirectory(prefix="reelflow-bench-tag-") as tmp:
+        root = Path(tmp)
+        corpus = str(root / "corpus")
+        make_corpus.main(
+            make_corpus.CorpusConfig(
+                out=corpus, videos=config.videos, seed=5, size=config.frame_size,
+                duration_s=config.duration_s, fps=config.fps, subtitle_fraction=0.0,
+            )
+        )  # fmt: skip
+        tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+        model_uri, model = _register_model(config, tracking_uri)
+        clip_config = tag.tagging_clip_config([model.spec], None)
+        init_ray()
+
+        # Warm-up, not measured: Ray workers, decoder processes and imports start once per session.
+        rows = list_video_rows(corpus)
+        _decode(rows[:2], clip_config, str(root / "warm-errors"))
+        frames, decode_s = benchmarks.timed(_decode, rows, clip_config, str(root / "errors"))
+        decode = len(frames) / decode_s
+        model_rate = _model_limit(model, frames, config.predict.batch_size)
+
+        tag_config = tag.TagConfig(
+            corpus=corpus, models=(model_uri,), tables=str(root / "tables"), date="2024-05-01",
+            tracking_uri=tracking_uri, predict=config.predict,
+        )  # fmt: skip
+        full, full_s = benchmarks.timed(tag.main, tag_config)
+        _, rerun_s = benchmarks.timed(tag.main, tag_config)
+    result = BenchTagResult(
+        decode,
+        model_rate,
+        full.clips / full_s,
+        full_s,
+        rerun_s,
+        full.clips,
+        full.startup_s,
+        full.steady_clips_per_s,
+    )
+    _report(result, config)
+    return result
+
+
+def _register_model(config: BenchTagConfig, tracking_uri: str) -> tuple[str, Any]:
+    from jobs import tracking
+    from models import build
+
+    heads = {"category": ["a", "b", "c", "d", "e", "f"], "action": ["bounce", "shake", "slide", "none"],
+             "sentiment": ["negative", "neutral", "positive"], "valence": [], "importance": []}  # fmt: skip
+    model = build(
+        "multitask", backbone="cnn_lstm", heads=heads, step_heads=["action"], clip_len=config.clip_len,
+        frame_size=[config.size, config.size], fps=float(config.fps), channels=list(config.channels),
+        hidden=config.hidden,
+    ).eval()  # fmt: skip
+    run_id = tracking.get_or_create_run("bench-tag", "bench-tag", "bench-tag", tracking_uri=tracking_uri)
+    uri = tracking.log_model(
+        model, model.spec, "bench-tagger", None, run_id=run_id, tracking_uri=tracking_uri
+    )
+    tracking.finish_run(run_id, tracking_uri=tracking_uri)
+    return uri, model
+
+
+def _decode(rows: list, clip_config: Any, errors: str) -> list[np.ndarray]:
+    """Every window's frames through the clip dataflow alone (the decode limit)."""
+    dataset = clip_dataset(video_dataset(rows), clip_config, errors)
+    out: list[np.ndarray] = []
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        out.extend(batch["frames"])
+    return out
+
+
+def _model_limit(model: Any, frames: list[np.ndarray], batch_size: int) -> float:
+    """Clips/s of a plain inference loop over decoded clips: the best of torch on one thread and on
+    every core (on a busy machine either can win), so the limit is never understated."""
+    import torch
+
+    threads = torch.get_num_threads()
+    batches = [np.stack(frames[i : i + batch_size]) for i in range(0, len(frames), batch_size)]
+    best = 0.0
+    try:
+        for n in sorted({1, os.cpu_count() or 1}):
+            torch.set_num_threads(n)
+            with torch.inference_mode():
+                model(model.spec.prepare(batches[0]))  # warm-up
+                started = time.perf_counter()
+                for batch in batches:
+                    model(model.spec.prepare(batch))
+                best = max(best, len(frames) / (time.perf_counter() - started))
+    finally:
+        torch.set_num_threads(threads)
+    return best
+
+
+def _report(result: BenchTagResult, config: BenchTagConfig) -> None:
+    limit = min(result.decode_clips_per_s, result.model_clips_per_s)
+    lines = [
+        "| measurement | clips/s |",
+        "|---|---|",
+        f"| decode limit (clip dataflow alone, every core) | {result.decode_clips_per_s:.1f} |",
+        f"| model compute limit (plain torch loop, batch {config.predict.batch_size}, 1 or all threads) | "
+        f"{result.model_clips_per_s:.1f} |",
+        f"| end to end (`reelflow tag`, {result.clips} clips in {result.full_s:.1f} s) | "
+        f"{result.end_to_end_clips_per_s:.1f} |",
+        f"| end to end after start-up ({result.startup_s:.1f} s to the first predictions) | "
+        f"{result.steady_clips_per_s:.1f} |",
+    ]
+    ratios = [
+        f"end to end / min(decode, model) = {result.end_to_end_clips_per_s:.1f} / {limit:.1f} "
+        f"= {result.ratio:.2f} (target ≥ 0.7); after start-up {result.steady_ratio:.2f}",
+        f"re-run with no new videos: {result.rerun_s:.2f} s / {result.full_s:.1f} s "
+        f"= {result.rerun_cost:.3f} (target ≤ 0.05)",
+    ]
+    for line in lines[2:] + ratios:
+        console.print(line)
+    if config.record:
+        corpus = (
+            f"generated {config.videos} videos, {config.frame_size}px, {config.duration_s:g} s at "
+            f"{config.fps} fps; multitask CNN-LSTM at {config.size}×{config.size}, {config.clip_len} frames"
+        )
+        body = "\n".join([f"Corpus: {corpus}.", "", *lines, "", *[f"- {r}" for r in ratios]])
+        benchmarks.record("Tagging (`reelflow bench tag`)", body)

@@ -1,0 +1,325 @@
+"""`reelflow tag` end to end: a real S3 server, a real local Ray, a model registered in MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from flows import labels as flabels
+from flows import storage, tables
+from flows.clips import list_video_rows
+from jobs import query, tag
+
+DATE = "2024-05-01"
+PREDICTION_COLUMNS = (
+    "video_id",
+    "uri",
+    "model_name",
+    "model_version",
+    "mlflow_run_id",
+    "job_run_id",
+    "run_date",
+)
+
+
+def _subset(src: Path, dst: Path, n_videos: int, broken: bool = True) -> Path:
+    """A corpus with the first `n_videos` labelled videos of `src`, its broken files, and the labels."""
+    dst.mkdir(parents=True)
+    manifest = flabels.read_manifest(str(src / flabels.LABELS_FILE))
+    for file in sorted(manifest.videos)[:n_videos]:
+        (dst / file).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / file, dst / file)
+    if broken:
+        for row in list_video_rows(str(src)):
+            file = flabels.relative_file(row.uri, str(src))
+            if file not in manifest.videos:
+                (dst / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(src / file, dst / file)
+    shutil.copy(src / flabels.LABELS_FILE, dst / flabels.LABELS_FILE)
+    return dst
+
+
+def _config(corpus: str, tables_uri: str, model: tuple[str, str], **kwargs) -> tag.TagConfig:
+    return tag.TagConfig(corpus=corpus, models=(model[0],), tables=tables_uri, date=kwargs.pop("date", DATE),
+                         tracking_uri=model[1], **kwargs)  # fmt: skip
+
+
+def _rows(tables_uri: str, name: str) -> list[dict]:
+    """A table's committed rows without the run columns, floats rounded, sorted: comparable across runs."""
+    table = tables.read_table(tables_uri, name)
+    drop = [c for c in ("job_run_id",) if c in table.column_names]
+    out = []
+    for row in table.drop_columns(drop).to_pylist():
+        out.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+    return sorted(out, key=lambda r: json.dumps(r, sort_keys=True, default=str))
+
+
+@pytest.fixture(scope="module")
+def s3_run(ray_session, s3_server, small_corpus, tagging_model, tmp_path_factory):
+    """8 labelled videos + the 2 broken files uploaded to a fresh bucket, tagged once."""
+    import s3fs
+
+    local = _subset(small_corpus, tmp_path_factory.mktemp("s3-corpus") / "c", 8)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    if fs.exists("tag-tests"):
+        fs.rm("tag-tests", recursive=True)
+    fs.mkdir("tag-tests")
+    corpus, tables_uri = "s3://tag-tests/corpus", "s3://tag-tests/tables"
+    storage.upload_dir(str(local), corpus)
+    summary = tag.main(_config(corpus, tables_uri, tagging_model))
+    return {
+        "corpus": corpus,
+        "tables": tables_uri,
+        "local": local,
+        "summary": summary,
+        "model": tagging_model,
+    }
+
+
+def test_tag_on_s3_writes_every_table_against_labels_and_errors(s3_run):
+    corpus, tables_uri, summary = s3_run["corpus"], s3_run["tables"], s3_run["summary"]
+    manifest = flabels.read_manifest(storage.join_uri(corpus, flabels.LABELS_FILE))
+    listed = list_video_rows(corpus)
+    readable = {r.video_id: r for r in listed if flabels.relative_file(r.uri, corpus) in manifest.videos}
+    broken = {r.video_id: r for r in listed if r.video_id not in readable}
+    assert len(readable) == 8 and len(broken) == 2
+    assert (summary.tagged, summary.failed, summary.skipped) == (8, 2, 0)
+    assert summary.clips > 0
+
+    videos = tables.read_table(tables_uri, "videos").to_pylist()
+    assert {v["video_id"] for v in videos} == set(readable) | set(broken)
+    for v in videos:
+        if v["video_id"] in readable:
+            assert v["status"] == "ok" and v["n_frames"] > 0 and v["width"] == 64 and v["duration_s"] > 5
+        else:
+            assert v["status"] == "failed"
+
+    errors = tables.read_table(tables_uri, "errors").to_pylist()
+    assert {e["video_id"] for e in errors} == set(broken)
+    for e in errors:
+        assert broken[e["video_id"]].uri.rsplit("/", 1)[-1] in e["message"]
+        assert e["stage"] and e["error_type"]
+
+    model_name, model_version = "tagger", "1"
+    categories = set(manifest.labels.categories)
+    for name in tables.PREDICTION_TABLES:
+        table = tables.read_table(tables_uri, name)
+        assert table.num_rows > 0, name
+        for row in table.to_pylist():
+            assert all(row[c] is not None for c in PREDICTION_COLUMNS), (name, row)
+            assert (row["model_name"], row["model_version"]) == (model_name, model_version)
+            assert row["job_run_id"] == summary.job_run_id and str(row["run_date"]) == DATE
+            assert row["video_id"] in readable and row["uri"] == readable[row["video_id"]].uri
+    classes = [
+        r for r in tables.read_table(tables_uri, "classifications").to_pylist() if r["head"] == "category"
+    ]
+    for vid in readable:
+        mine = sorted((r["rank"], r["label"], r["score"]) for r in classes if r["video_id"] == vid)
+        assert [r[0] for r in mine] == list(range(1, min(5, len(categories)) + 1))
+        assert {r[1] for r in mine} <= categories
+        assert [r[2] for r in mine] == sorted((r[2] for r in mine), reverse=True)
+    # The model was fitted on these videos: its top-1 label agrees with the ground truth on most of them.
+    top1 = {r["video_id"]: r["label"] for r in classes if r["rank"] == 1}
+    truth = {
+        vid: manifest.videos[flabels.relative_file(r.uri, corpus)].category for vid, r in readable.items()
+    }
+    assert sum(top1[v] == truth[v] for v in readable) >= 5
+
+    sentiment = tables.read_table(tables_uri, "sentiment").to_pylist()
+    video_rows = [r for r in sentiment if r["scope"] == "video"]
+    assert sorted(r["video_id"] for r in video_rows) == sorted(readable)
+    assert all(r["start_s"] is None and -1 <= r["valence"] <= 1 for r in video_rows)
+    segments = [r for r in sentiment if r["scope"] == "segment"]
+    assert segments and all(r["end_s"] > r["start_s"] for r in segments)
+    assert {r["label"] for r in sentiment} <= set(manifest.labels.sentiments)
+
+    for r in tables.read_table(tables_uri, "actions").to_pylist():
+        assert r["label"] in manifest.labels.actions and r["label"] != flabels.BACKGROUND
+        assert 0 <= r["start_s"] < r["end_s"] <= 6.1
+    highlights = tables.read_table(tables_uri, "highlights").to_pylist()
+    for vid in {h["video_id"] for h in highlights}:
+        mine = sorted((h for h in highlights if h["video_id"] == vid), key=lambda h: h["rank"])
+        assert [h["rank"] for h in mine] == list(range(1, len(mine) + 1))
+        assert all(h["start_s"] <= h["keyframe_s"] <= h["end_s"] for h in mine)
+        assert sum(h["end_s"] - h["start_s"] for h in mine) <= 0.15 * 6.0 + 1e-6
+
+    # The MLflow run of the job: its figures and the label-distribution plot.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(s3_run["model"][1])
+    run = client.get_run(summary.mlflow_run_id)
+    assert run.data.metrics["videos_tagged"] == 8 and run.data.metrics["videos_failed"] == 2
+    assert run.data.metrics["clips"] == summary.clips and run.info.status == "FINISHED"
+    assert "label_distribution.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+    # Plain hive layout: TABLES/<table>/run_date=YYYY-MM-DD/part-*.parquet
+    for name in tables.TABLES:
+        files = tables.committed_files(tables_uri, name)
+        assert files and all(f"/{name}/run_date={DATE}/part-{summary.job_run_id}-" in f for f in files)
+
+
+def test_tag_again_decodes_nothing_and_adds_no_rows(s3_run):
+    before = {name: _rows(s3_run["tables"], name) for name in tables.TABLES}
+    summary = tag.main(_config(s3_run["corpus"], s3_run["tables"], s3_run["model"]))
+    assert summary.decoded == [] and summary.skipped == 10 and summary.clips == 0
+    assert {name: _rows(s3_run["tables"], name) for name in tables.TABLES} == before
+
+
+def test_added_videos_are_the_only_ones_decoded(s3_run, small_corpus):
+    manifest = flabels.read_manifest(str(small_corpus / flabels.LABELS_FILE))
+    new_files = sorted(manifest.videos)[8:10]
+    for file in new_files:
+        storage.put_file(str(small_corpus / file), storage.join_uri(s3_run["corpus"], file))
+    listed = {
+        flabels.relative_file(r.uri, s3_run["corpus"]): r.video_id for r in list_video_rows(s3_run["corpus"])
+    }
+    before = tables.read_table(s3_run["tables"], "classifications").num_rows
+
+    summary = tag.main(_config(s3_run["corpus"], s3_run["tables"], s3_run["model"]))
+    assert sorted(summary.decoded) == sorted(listed[f] for f in new_files)
+    assert (summary.tagged, summary.failed) == (2, 0)
+    videos = tables.read_table(s3_run["tables"], "videos")
+    assert videos.num_rows == len(set(videos.column("video_id").to_pylist())) == 12
+    classes = tables.read_table(s3_run["tables"], "classifications")
+    assert classes.num_rows == before + 2 * (before // 8)
+    keys = classes.select(["video_id", "head", "rank"]).to_pylist()
+    assert len({tuple(k.values()) for k in keys}) == len(keys)
+
+
+def test_query_cli_reads_the_tag_output(s3_run):
+    sql = "SELECT video_id, label, score FROM classifications WHERE rank = 1 AND head = 'category'"
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "query", sql, "--tables", s3_run["tables"], "--format", "json"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    rows = json.loads(out.stdout)
+    expected = [
+        r for r in tables.read_table(s3_run["tables"], "classifications").to_pylist()
+        if r["rank"] == 1 and r["head"] == "category"
+    ]  # fmt: skip
+    assert sorted(r["video_id"] for r in rows) == sorted(r["video_id"] for r in expected)
+    assert rows and {r["label"] for r in rows} <= {r["label"] for r in expected}
+
+
+# --- crash, re-run, and readers ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_corpus(small_corpus, tmp_path_factory) -> Path:
+    return _subset(small_corpus, tmp_path_factory.mktemp("local-corpus") / "c", 6)
+
+
+def test_killed_run_then_rerun_equals_a_clean_run(ray_session, local_corpus, tagging_model, tmp_path):
+    clean, crashed = str(tmp_path / "clean"), str(tmp_path / "crashed")
+    tag.main(_config(str(local_corpus), clean, tagging_model))
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "jobs.cli", "tag", "--corpus", str(local_corpus), "--model",
+           tagging_model[0], "--tables", crashed, "--date", DATE, "--tracking-uri", tagging_model[1],
+           "--batch-size", "4"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if "clips from" in line:  # inference is under way: kill the driver and its local Ray
+                break
+    finally:
+        killed = proc.poll() is None
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert killed, "".join(seen)[-2000:]
+    assert tables.read_snapshot(crashed).committed == frozenset()  # nothing of the killed night is visible
+
+    tag.main(_config(str(local_corpus), crashed, tagging_model))
+    for name in tables.TABLES:
+        assert _rows(crashed, name) == _rows(clean, name), name
+    assert not storage.exists(storage.join_uri(crashed, tables.STAGING)) or not storage.list_files(
+        storage.join_uri(crashed, tables.STAGING)
+    )
+
+
+def test_reader_sees_the_old_night_or_the_new_one(ray_session, local_corpus, tagging_model, tmp_path):
+    tables_uri = str(tmp_path / "tables")
+    tag.main(_config(str(local_corpus), tables_uri, tagging_model))
+    old = query.run_sql(tables_uri, "SELECT count(*) AS n FROM classifications").column("n")[0].as_py()
+
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            n = query.run_sql(tables_uri, "SELECT count(*) AS n FROM classifications").column("n")[0].as_py()
+            seen.add(n)
+            time.sleep(0.02)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        tag.main(_config(str(local_corpus), tables_uri, tagging_model, date="2024-05-02", full=True))
+    finally:
+        done.set()
+        reader.join()
+    new = query.run_sql(tables_uri, "SELECT count(*) AS n FROM classifications").column("n")[0].as_py()
+    assert new == 2 * old
+    assert seen <= {old, new} and old in seen
+
+
+def test_bad_model_uri_and_date_are_one_line_errors(tmp_path):
+    with pytest.raises(ValueError, match="models:/NAME/VERSION"):
+        tag.TagConfig(corpus=str(tmp_path), models=("tagger",), tables=str(tmp_path), date=DATE)
+    with pytest.raises(tables.TableError, match="YYYY-MM-DD"):
+        tag.TagConfig(corpus=str(tmp_path), models=("models:/x/1",), tables=str(tmp_path), date="01/05/2024")
+
+
+def test_aggregate_merges_windows_and_ranks(tmp_path):
+    import numpy as np
+
+    from flows.aggregate import AggregateConfig, VideoClips, summarize, table_rows
+
+    heads = {"category": ("a", "b", "c"), "action": ("run", "jump", "none"), "importance": ()}
+    probs = {"run": [0.9, 0.05, 0.05], "none": [0.05, 0.05, 0.9]}
+    per_clip = ["run", "run", "none", "none"]
+    clips = VideoClips(
+        start_s=np.array([0.0, 1.0, 2.0, 3.0]),
+        end_s=np.array([0.9, 1.9, 2.9, 3.9]),
+        outputs={
+            "category": np.array([[0.2, 0.7, 0.1]] * 4),
+            "action": np.array([probs[p] for p in per_clip]),
+            "importance": np.array([0.1, 0.9, 0.2, 0.1]),
+        },
+        duration_s=4.0,
+    )
+    summary = summarize(clips, heads, AggregateConfig(smooth_frames=1))
+    rows = table_rows(summary, heads, top_k=2)
+    assert [(r["label"], r["rank"]) for r in rows["classifications"]] == [("b", 1), ("a", 2)]
+    assert [(r["label"], r["start_s"]) for r in rows["actions"]] == [("run", 0.0)]
+    assert 1.8 <= rows["actions"][0]["end_s"] <= 2.0
+    (best, *_) = rows["highlights"]
+    assert (
+        best["rank"] == 1
+        and best["start_s"] <= best["keyframe_s"] <= best["end_s"]
+        and best["start_s"] >= 0.9
+    )
+    assert pa.Table.from_pylist(rows["highlights"]).num_rows == len(summary.highlights)
+
+
+def test_models_reading_different_clips_are_refused():
+    from models import build
+
+    a = build("cnn_lstm", heads={"action": ["x", "none"]}, clip_len=16, frame_size=[64, 64])
+    b = build("cnn_lstm", heads={"action": ["x", "none"]}, clip_len=8, frame_size=[64, 64])
+    with pytest.raises(ValueError, match="read different clips \\(clip_len\\)"):
+        tag.tagging_clip_config([a.spec, b.spec], None)
+    config = tag.tagging_clip_config([a.spec, a.spec], None)
+    assert (config.sampling, config.stride, config.clip_len, config.size) == ("sliding", 16, 16, (64, 64))
