@@ -1,5 +1,12 @@
 """CNN-LSTM: a per-frame 2D CNN, then a (bi)LSTM over time (the ConvNet+LSTM baseline of Carreira & Zisserman
-2017). Gives clip-level outputs for every head and per-timestep logits for action segments."""
+2017). Gives clip-level outputs for every head and per-timestep logits for action segments.
+
+A per-frame CNN that ends in a global average pool cannot tell a still frame from a shifted or rotated
+copy of it, so camera or object motion would reach the LSTM only through small differences between pooled
+vectors (or as motion blur). With `motion=True` (the default) each frame goes into the CNN stacked with its
+difference from the previous frame (6 input channels), the "RGB difference" modality of TSN (Wang et al.
+2016): where and how the picture changes is then visible to the convolutions themselves.
+"""
 
 from __future__ import annotations
 
@@ -13,20 +20,20 @@ from models.spec import KINETICS_MEAN, KINETICS_STD, ModelSpec, resolve_heads
 
 
 class FrameEncoder(nn.Module):
-    """Conv 3×3 → BatchNorm → ReLU → 2×2 max-pool per stage, then a global average: [N, 3, H, W] → [N, C].
+    """Conv 3×3 → BatchNorm → ReLU → 2×2 max-pool per stage, then a global average: [N, Cin, H, W] → [N, C].
 
     The first convolution has stride `stem_stride` (a strided stem, as in most ImageNet CNNs): most of a
     small CNN's time goes to normalization and pooling at full resolution, not to its convolutions.
     """
 
-    def __init__(self, channels: Sequence[int], stem_stride: int = 2) -> None:
+    def __init__(self, channels: Sequence[int], stem_stride: int = 2, in_channels: int = 3) -> None:
         super().__init__()
         if not channels or min(channels) < 1:
             raise ValueError(
                 f"cnn_lstm: channels={list(channels)} must be positive widths, at least one stage"
             )
         layers: list[nn.Module] = []
-        cin = 3
+        cin = in_channels
         for i, cout in enumerate(channels):
             layers += [
                 nn.Conv2d(cin, cout, 3, stride=stem_stride if i == 0 else 1, padding=1, bias=False),
@@ -46,8 +53,18 @@ class FrameEncoder(nn.Module):
         return self.stages(frames).mean(dim=(2, 3))
 
 
+def frame_differences(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, T, H, W] → x_t − x_{t−1} per frame; the first frame takes the second's difference (a clip
+    starts mid-motion as often as not), and a one-frame clip gets zeros."""
+    if x.shape[2] < 2:
+        return torch.zeros_like(x)
+    diff = x[:, :, 1:] - x[:, :, :-1]
+    return torch.cat([diff[:, :, :1], diff], dim=2)
+
+
 class CNNLSTM(nn.Module):
-    """[B, 3, T, H, W] → per-frame embeddings → LSTM → per-step features [B, T, D] and their time mean."""
+    """[B, 3, T, H, W] → per-frame embeddings (of each frame and, with `motion`, its difference from the
+    previous one) → LSTM → per-step features [B, T, D] and their time mean."""
 
     has_steps = True  # encode() also returns per-step features
 
@@ -60,6 +77,7 @@ class CNNLSTM(nn.Module):
         num_layers: int = 1,
         bidirectional: bool = True,
         dropout: float = 0.2,
+        motion: bool = True,
     ) -> None:
         super().__init__()
         if min(spec.frame_size) < stem_stride * 2 ** len(channels):
@@ -67,7 +85,8 @@ class CNNLSTM(nn.Module):
                 f"cnn_lstm: frame_size {spec.frame_size} is too small for {len(channels)} 2×2 pools"
             )
         self.spec = spec
-        self.encoder = FrameEncoder(channels, stem_stride)
+        self.motion = motion
+        self.encoder = FrameEncoder(channels, stem_stride, in_channels=6 if motion else 3)
         self.encoder.to(memory_format=torch.channels_last)
         self.lstm = nn.LSTM(
             self.encoder.out_dim, hidden, num_layers=num_layers, batch_first=True, bidirectional=bidirectional
@@ -81,6 +100,8 @@ class CNNLSTM(nn.Module):
         self.spec.check_video(
             x, exact=False
         )  # any clip length and frame size work; the spec says which to use
+        if self.motion:
+            x = torch.cat([x, frame_differences(x)], dim=1)
         b, c, t, h, w = x.shape
         frames = x.transpose(1, 2).reshape(b * t, c, h, w)
         per_frame = self.encoder(frames).reshape(b, t, -1)
@@ -117,9 +138,10 @@ def cnn_lstm(
     num_layers: int = 1,
     bidirectional: bool = True,
     dropout: float = 0.2,
+    motion: bool = True,
 ) -> CNNLSTM:
     """CNN-LSTM with an "action" head by default; `step_heads` (default: "action" if present) also give
-    per-timestep logits."""
+    per-timestep logits. `motion`: feed each frame's difference from the previous one to the CNN too."""
     resolved = resolve_heads(heads, num_classes, "action")
     if step_heads is None:
         step_heads = ("action",) if "action" in resolved else ()
@@ -141,4 +163,5 @@ def cnn_lstm(
         num_layers=num_layers,
         bidirectional=bidirectional,
         dropout=dropout,
+        motion=motion,
     )

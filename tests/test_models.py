@@ -361,6 +361,56 @@ def test_head_loss_rejects_targets_for_heads_the_model_lacks() -> None:
         head_loss(out, {"action": torch.zeros(2, dtype=torch.long)}, model.spec)
 
 
+# --- CNN-LSTM: the motion input --------------------------------------------------------------------------
+
+
+def test_frame_differences_shape_and_first_frame() -> None:
+    from models.lstm import frame_differences
+
+    x = torch.arange(2 * 3 * 4 * 2 * 2, dtype=torch.float32).reshape(2, 3, 4, 2, 2) ** 2
+    d = frame_differences(x)
+    assert d.shape == x.shape
+    assert torch.equal(d[:, :, 1:], x[:, :, 1:] - x[:, :, :-1])
+    assert torch.equal(d[:, :, 0], d[:, :, 1])  # the first frame takes the second one's difference
+    assert torch.equal(frame_differences(x[:, :, :1]), torch.zeros_like(x[:, :, :1]))
+    # The stem sees frame and difference (6 channels) by default, the frame alone without `motion`.
+    assert tiny("cnn_lstm").encoder.stages[0].in_channels == 6
+    assert tiny("cnn_lstm", motion=False).encoder.stages[0].in_channels == 3
+
+
+def moving_or_still(n: int, gen: torch.Generator, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """n clips of a random picture: still, or rolled 2 px a frame sideways (label 1). Pooled per-frame
+    features of a rolled picture are those of the still one, so only a motion cue tells them apart."""
+    t, (h, w) = spec.clip_len, spec.frame_size
+    pictures = F.interpolate(torch.randn(n, 3, h // 4, w // 4, generator=gen), size=(h, w), mode="nearest")
+    moving = torch.arange(n) % 2
+    clips = torch.stack(
+        [
+            torch.stack([torch.roll(p, shifts=2 * k * int(m), dims=2) for k in range(t)], dim=1)
+            for p, m in zip(pictures, moving, strict=True)
+        ]
+    )
+    return clips, moving
+
+
+def test_cnn_lstm_with_motion_tells_a_moving_picture_from_a_still_one() -> None:
+    model = tiny("cnn_lstm", heads={"action": ("none", "slide")})
+    gen = torch.Generator().manual_seed(7)
+    x, y = moving_or_still(16, gen, model.spec)
+    targets = {"action": y, "action_steps": y[:, None].expand(-1, model.spec.clip_len)}
+    first, last = fit(model, x, targets, lr=1e-2, below=0.05, steps=100)
+    assert last < 0.05, f"loss {first:.3f} → {last:.3f}"
+    with torch.no_grad():  # settle BatchNorm's running statistics, which 100 fast steps leave behind
+        for _ in range(30):
+            model(x)
+    model.eval()
+    x_new, y_new = moving_or_still(16, torch.Generator().manual_seed(8), model.spec)  # unseen pictures
+    with torch.inference_mode():
+        out = model(x_new)
+    assert torch.equal(out["action"].argmax(-1), y_new)
+    assert torch.equal(out["action_steps"].argmax(-1), y_new[:, None].expand(-1, model.spec.clip_len))
+
+
 # --- checkpoints ------------------------------------------------------------------------------------------
 
 
