@@ -9,6 +9,10 @@ throughput does not depend on its weights):
   commit and the MLflow run included), clips/s over the job's wall time;
 - re-run: the same command again with no new videos, relative to the full run's wall time.
 The ratio end-to-end / min(decode limit, model limit) has a target of ≥ 0.7, the re-run cost ≤ 0.05.
+
+That target assumes the two stages run on different hardware (decoding on CPUs, inference on GPUs). Where
+they share the same cores (no GPU), each clip costs the cores its decoding plus its inference, so no
+pipeline beats the joint limit 1 / (1/decode + 1/model); the bench prints the ratio to that too.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from flows.clips import clip_dataset, list_video_rows, video_dataset
-from flows.predict import PredictConfig
+from flows.predict import PredictConfig, cluster_has_gpus
 from jobs import benchmarks, make_corpus, tag
 from jobs.runtime import console, init_ray
 
@@ -61,14 +65,25 @@ class BenchTagResult:
     clips: int
     startup_s: float
     steady_clips_per_s: float
+    shared_cores: bool  # no GPU: decoding and inference take turns on the same cores
+
+    @property
+    def limit(self) -> float:
+        return min(self.decode_clips_per_s, self.model_clips_per_s)
+
+    @property
+    def joint_limit(self) -> float:
+        if not self.shared_cores:
+            return self.limit
+        return 1 / (1 / self.decode_clips_per_s + 1 / self.model_clips_per_s)
 
     @property
     def ratio(self) -> float:
-        return self.end_to_end_clips_per_s / min(self.decode_clips_per_s, self.model_clips_per_s)
+        return self.end_to_end_clips_per_s / self.limit
 
     @property
     def steady_ratio(self) -> float:
-        return self.steady_clips_per_s / min(self.decode_clips_per_s, self.model_clips_per_s)
+        return self.steady_clips_per_s / self.limit
 
     @property
     def rerun_cost(self) -> float:
@@ -113,6 +128,7 @@ def main(config: BenchTagConfig) -> BenchTagResult:
         full.clips,
         full.startup_s,
         full.steady_clips_per_s,
+        shared_cores=not (config.predict.use_gpu or (config.predict.use_gpu is None and cluster_has_gpus())),
     )
     _report(result, config)
     return result
@@ -169,7 +185,7 @@ def _model_limit(model: Any, frames: list[np.ndarray], batch_size: int) -> float
 
 
 def _report(result: BenchTagResult, config: BenchTagConfig) -> None:
-    limit = min(result.decode_clips_per_s, result.model_clips_per_s)
+    limit = result.limit
     lines = [
         "| measurement | clips/s |",
         "|---|---|",
@@ -184,6 +200,16 @@ def _report(result: BenchTagResult, config: BenchTagConfig) -> None:
     ratios = [
         f"end to end / min(decode, model) = {result.end_to_end_clips_per_s:.1f} / {limit:.1f} "
         f"= {result.ratio:.2f} (target ≥ 0.7); after start-up {result.steady_ratio:.2f}",
+        *(
+            [
+                f"decoding and inference share the cores (no GPU): joint limit 1 / (1/decode + 1/model) = "
+                f"{result.joint_limit:.1f}; end to end / joint = "
+                f"{result.end_to_end_clips_per_s / result.joint_limit:.2f}, after start-up "
+                f"{result.steady_clips_per_s / result.joint_limit:.2f}"
+            ]
+            if result.shared_cores
+            else []
+        ),
         f"re-run with no new videos: {result.rerun_s:.2f} s / {result.full_s:.1f} s "
         f"= {result.rerun_cost:.3f} (target ≤ 0.05)",
     ]
