@@ -68,9 +68,7 @@ def main(config: EvaluateConfig, videos: Sequence[str] | None = None) -> dict[st
 
     init_ray()
     with tempfile.TemporaryDirectory(prefix="reelflow-evaluate-") as tmp:
-        result = tag.run_inference(
-            rows, [model], clip_config, config.predict, tmp, tracking_uri, progress=False
-        )
+        result = tag.run_inference(rows, [model], clip_config, config.predict, tmp, progress=False)
     by_file = {flabels.relative_file(r.uri, config.corpus): r.video_id for r in rows}
     summaries: dict[str, VideoSummary] = {}
     for file, vid in by_file.items():

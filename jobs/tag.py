@@ -25,11 +25,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from flows import storage, tables
 from flows.aggregate import AggregateConfig, VideoClips, VideoSummary, summarize, table_rows
-from flows.clips import ERROR_SCHEMA, ClipConfig, VideoRow, clip_dataset, list_video_rows, video_dataset
+from flows.clips import ClipConfig, VideoRow, clip_dataset, list_video_rows, read_errors, video_dataset
 from flows.predict import PredictConfig, output_column, predict_dataset
 from jobs.runtime import console
 
@@ -87,7 +86,7 @@ class TaggingModel:
     version: str
     run_id: str | None
     spec: Any  # models.ModelSpec
-    module: Any = field(default=None, repr=False, compare=False)
+    module: Any = field(repr=False, compare=False)
 
 
 @dataclass
@@ -138,6 +137,7 @@ def main(config: TagConfig) -> TagSummary:
 
     result = Inference()
     models: list[TaggingModel] = []
+    per_video: dict[str, list[VideoSummary]] = {}
     rows: dict[str, int] = {}
     if todo:  # a quiet night loads no model, starts no Ray and commits nothing
         models = load_models(refs, tracking_uri)
@@ -145,8 +145,9 @@ def main(config: TagConfig) -> TagSummary:
         writer = tables.TableWriter(config.tables, job_run_id, run_date)
         init_ray(config.ray_address)
         errors_uri = storage.join_uri(writer.staging_uri, "_decode_errors")  # dropped with the staging
-        result = run_inference(todo, models, clip_config, config.predict, errors_uri, tracking_uri)
-        for name, staged in build_rows(todo, models, result, config.aggregate, run_date).items():
+        result = run_inference(todo, models, clip_config, config.predict, errors_uri)
+        per_video = summaries(result, models, config.aggregate)
+        for name, staged in build_rows(todo, models, result, per_video, config.aggregate, run_date).items():
             if staged:
                 writer.stage(name, pa.Table.from_pylist(staged, schema=_row_schema(name)))
         commit = writer.commit(
@@ -168,7 +169,7 @@ def main(config: TagConfig) -> TagSummary:
         steady_clips_per_s=result.steady_clips_per_s,
         rows=rows,
     )
-    summary.mlflow_run_id = record_run(config, summary, refs, models, result, tracking_uri)
+    summary.mlflow_run_id = record_run(config, summary, refs, models, per_video, tracking_uri)
     print_summary(summary, config.tables)
     return summary
 
@@ -302,7 +303,6 @@ def run_inference(
     clip_config: ClipConfig,
     predict: PredictConfig,
     errors_uri: str,
-    tracking_uri: str,
     progress: bool = True,
 ) -> Inference:
     """Decode `videos` into windows and predict them; the driver gathers the small per-clip outputs."""
@@ -312,12 +312,7 @@ def run_inference(
     ray.data.DataContext.get_current().enable_progress_bars = False  # the job prints its own progress
     # The driver's copies go through the object store: an actor then starts without importing MLflow or
     # downloading artifacts, and every actor runs exactly the weights the driver resolved.
-    loaders = [
-        functools.partial(ray.get, ray.put(m.module))
-        if m.module is not None
-        else functools.partial(load_registered, m.uri, tracking_uri)
-        for m in models
-    ]
+    loaders = [functools.partial(ray.get, ray.put(m.module)) for m in models]
     clips = clip_dataset(video_dataset(list(videos)), clip_config, errors_uri)
     predictions = predict_dataset(clips, loaders, predict)
 
@@ -373,13 +368,8 @@ def _scalar(value: Any) -> Any:
 
 
 def read_error_rows(uri: str) -> list[dict[str, Any]]:
-    """The decode error rows written under `uri` (through pyarrow's filesystem, not a Python file)."""
-    files = storage.list_files(uri, suffix=".parquet") if storage.exists(uri) else []
-    rows = []
-    for file in files:
-        fs, path = storage.arrow_filesystem(file)
-        rows += pq.read_table(path, filesystem=fs, schema=ERROR_SCHEMA).to_pylist()
-    return sorted(rows, key=lambda r: r["video_id"])
+    """The decode error rows written under `uri`, by video."""
+    return sorted(read_errors(uri).to_pylist(), key=lambda r: r["video_id"])
 
 
 # --- rows -----------------------------------------------------------------------------------------------
@@ -399,15 +389,16 @@ def build_rows(
     videos: Sequence[VideoRow],
     models: Sequence[TaggingModel],
     result: Inference,
+    per_video: dict[str, list[VideoSummary]],
     config: AggregateConfig,
     run_date: dt.date,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Rows of every table for the tagged `videos` (job_run_id is filled in by the writer)."""
+    """Rows of every table for the tagged `videos` from `per_video` (see `summaries`; job_run_id is filled in
+    by the writer)."""
     out: dict[str, list[dict[str, Any]]] = {name: [] for name in tables.TABLES}
     errors = {}
     for e in result.errors:
         errors.setdefault(e["video_id"], e)
-    per_video = summaries(result, models, config)
     for video in videos:
         vid = video.video_id
         error = errors.get(vid)
@@ -443,7 +434,7 @@ def record_run(
     summary: TagSummary,
     refs: Sequence[Any],
     models: Sequence[TaggingModel],
-    result: Inference,
+    per_video: dict[str, list[VideoSummary]],
     tracking_uri: str,
 ) -> str:
     """An MLflow run with the summary's figures and a plot of the top-1 labels tagged this run."""
@@ -471,20 +462,20 @@ def record_run(
                **{f"rows_{k}": v for k, v in summary.rows.items()}}  # fmt: skip
     tracking.log_metrics(run_id, metrics, 0, tracking_uri=tracking_uri)
     if models:  # a quiet night has no labels to plot
-        figure = label_distribution_figure(result, models, config.aggregate)
+        figure = label_distribution_figure(per_video, models)
         client.log_figure(run_id, figure, "label_distribution.png")
     tracking.finish_run(run_id, tracking_uri=tracking_uri)
     return run_id
 
 
 def label_distribution_figure(
-    result: Inference, models: Sequence[TaggingModel], config: AggregateConfig
+    per_video: dict[str, list[VideoSummary]], models: Sequence[TaggingModel]
 ) -> Any:
     """Bars: videos per top-1 label, for each classification head of each model (this run's videos)."""
     from matplotlib.figure import Figure
 
     counts: dict[str, dict[str, int]] = {}
-    for vid_summaries in summaries(result, models, config).values():
+    for vid_summaries in per_video.values():
         for m, s in zip(models, vid_summaries, strict=True):
             for head, probs in s.classes.items():
                 label = m.spec.heads[head][int(np.argmax(probs))]
