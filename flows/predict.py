@@ -5,10 +5,10 @@ models once) are separate stages, so each scales on its own: more decode tasks o
 inference actor per GPU (or a few CPU actors on a machine without one).
 
 Models come from `loaders`: picklable zero-argument callables that return a module with a `spec`
-(e.g. `functools.partial(jobs.tracking.load_model, ...)`), so this data plane never imports the
-registry client itself. Output columns are named `m<i>.<head>` (model index i in `loaders`):
-probabilities [K] for classification heads, per-frame probabilities [T, K] for `<head>_steps`, a
-float for scalar heads (valence, importance).
+(the tag job ships the modules it resolved: `functools.partial(ray.get, ray.put(module))`), so this
+data plane never imports the registry client itself. Output columns are named `m<i>.<head>` (model
+index i in `loaders`): probabilities [K] for classification heads, per-frame probabilities [T, K] for
+`<head>_steps`, a float for scalar heads (valence, importance).
 """
 
 from __future__ import annotations
