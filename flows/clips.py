@@ -59,6 +59,8 @@ class ClipConfig:
     frames covering the whole video, for tagging) or `random` (`clips_per_video` seeded clips, for
     training). `target_fps` resamples every video to the model's frame rate. `video_info` adds the
     video's probe facts (VIDEO_INFO_COLUMNS) to every clip row, for the videos table.
+    `decoder_threads` is each decoder's thread count: one, because the dataflow already decodes one
+    video per core, and frame threads on small frames cost more CPU than they save (0: one per core).
     """
 
     clip_len: int = 16
@@ -69,6 +71,7 @@ class ClipConfig:
     target_fps: float | None = None
     seed: int = 0
     decoder: str = "auto"
+    decoder_threads: int = 1
     audio: bool = False
     audio_rate: int = 16_000
     subtitles: bool = False
@@ -88,6 +91,7 @@ class ClipConfig:
             ("stride", self.stride is None or 1 <= self.stride <= self.clip_len, "must be in 1..clip_len"),
             ("target_fps", self.target_fps is None or self.target_fps > 0, "must be > 0"),
             ("decoder", self.decoder in DECODERS, f"must be one of {', '.join(DECODERS)}"),
+            ("decoder_threads", self.decoder_threads >= 0, "must be >= 0 (0: one per core)"),
             ("audio_rate", self.audio_rate >= 1000, "must be >= 1000 Hz"),
             ("timeout_s", self.timeout_s > 0, "must be > 0"),
             ("idle_timeout_s", self.idle_timeout_s > 0, "must be > 0"),
@@ -177,7 +181,9 @@ def decode_video(path: str, video_key: str, config: ClipConfig, sidecar_cues: li
         last_s = max(p.end_s for p in plans) + config.clip_len / (config.target_fps or info.fps)
         track = read_audio(path, 0.0, last_s, config.audio_rate, info=info)
 
-    frames = decode.iter_frames(path, info, sampling.needed_frames(plans), config.size, config.decoder)
+    frames = decode.iter_frames(
+        path, info, sampling.needed_frames(plans), config.size, config.decoder, config.decoder_threads
+    )
     assembly = sampling.assemble_clips(plans, frames)
     n_clips = 0
     for clip in assembly:

@@ -78,22 +78,26 @@ def iter_frames(
     indices: Iterable[int],
     size: Sequence[int] | None = None,
     decoder: str = "auto",
+    threads: int = 1,
 ) -> Iterator[DecodedFrame]:
     """Read the requested frames of a local file upright, resized in the decoder, in one sorted pass.
 
     `size` is the (height, width) of the upright output. `decoder="auto"` applies the routing policy;
     "pyav" or "decord" force a backend, but a forced decord still hands over to PyAV when it cannot
     open the file, miscounts its frames or fails part way, since a video must never be lost.
+    `threads` is the backend's decoder threads (0: one per core).
     """
     wanted = validate_indices(indices)
     out_size = validate_size(size)
     if decoder not in DECODERS:
         raise ValueError(f"decoder: must be one of {', '.join(DECODERS)}, got {decoder!r}")
-    return _iter_upright(path, info, wanted, out_size, decoder)
+    if threads < 0:
+        raise ValueError(f"threads: must be >= 0, got {threads}")
+    return _iter_upright(path, info, wanted, out_size, decoder, threads)
 
 
 def _iter_upright(
-    path: str, info: VideoInfo, wanted: list[int], size: tuple[int, int] | None, decoder: str
+    path: str, info: VideoInfo, wanted: list[int], size: tuple[int, int] | None, decoder: str, threads: int
 ) -> Iterator[DecodedFrame]:
     quarter = quarter_turns(info.rotation)
     # The backends decode as coded: for a quarter turn they produce the transposed size.
@@ -106,9 +110,9 @@ def _iter_upright(
     if not wanted:
         return
     if backend == "decord":
-        frames = _decord_with_fallback(path, info, wanted, coded, check_seeks=decoder == "auto")
+        frames = _decord_with_fallback(path, info, wanted, coded, decoder == "auto", threads)
     else:
-        frames = pyav_decoder.iter_frames(path, wanted, coded, info)
+        frames = pyav_decoder.iter_frames(path, wanted, coded, info, threads=threads)
     for frame in frames:
         if quarter:
             frame = frame._replace(image=np.ascontiguousarray(np.rot90(frame.image, quarter)))
@@ -116,22 +120,27 @@ def _iter_upright(
 
 
 def _decord_with_fallback(
-    path: str, info: VideoInfo, wanted: list[int], size: tuple[int, int] | None, check_seeks: bool
+    path: str,
+    info: VideoInfo,
+    wanted: list[int],
+    size: tuple[int, int] | None,
+    check_seeks: bool,
+    threads: int,
 ) -> Iterator[DecodedFrame]:
     table = pyav_decoder.scan(path, info)
     if check_seeks and not table.closed_gops and wanted != list(range(len(wanted))):
         # decord indexes keyframes by decode order: with open GOPs its seeks land a frame off.
         log.debug("%s: switching to pyav: open GOPs and a sparse read (decord would seek)", path)
-        yield from pyav_decoder.iter_frames(path, wanted, size, info, table=table)
+        yield from pyav_decoder.iter_frames(path, wanted, size, info, table=table, threads=threads)
         return
     try:
-        reader = decord_decoder.open_reader(path, size, info.rotation)
+        reader = decord_decoder.open_reader(path, size, info.rotation, threads)
         problem = _decord_count_problem(len(reader), info, table)
     except VideoError as err:
         problem = err.message
     if problem:
         log.debug("%s: switching to pyav before any frame: %s", path, problem)
-        yield from pyav_decoder.iter_frames(path, wanted, size, info, table=table)
+        yield from pyav_decoder.iter_frames(path, wanted, size, info, table=table, threads=threads)
         return
     done = -1
     try:
@@ -141,7 +150,7 @@ def _decord_with_fallback(
     except VideoError as err:
         rest = [i for i in wanted if i > done]
         log.debug("%s: pyav resumes at frame %s: %s", path, rest[0] if rest else "-", err.message)
-        yield from pyav_decoder.iter_frames(path, rest, size, info, table=table)
+        yield from pyav_decoder.iter_frames(path, rest, size, info, table=table, threads=threads)
 
 
 def _decord_count_problem(n_decord: int, info: VideoInfo, table: FrameTable) -> str | None:

@@ -27,8 +27,11 @@ CHUNK_FRAMES = 64
 CHUNK_BYTES = 128 * 1024 * 1024
 
 
-def open_reader(path: str, size: tuple[int, int] | None, rotation: int) -> decord.VideoReader:
-    """A decord reader of a local file decoding to `size` (height, width as coded); VideoError if it fails."""
+def open_reader(
+    path: str, size: tuple[int, int] | None, rotation: int, threads: int = 1
+) -> decord.VideoReader:
+    """A decord reader of a local file decoding to `size` (height, width as coded) with `threads` decoder
+    threads (0: one per core); VideoError if it fails."""
     if not os.path.isfile(path):
         raise VideoError("decode", "FileNotFound", f"{path}: decord reads local files only")
     kwargs = {}
@@ -38,7 +41,7 @@ def open_reader(path: str, size: tuple[int, int] | None, rotation: int) -> decor
             height, width = width, height  # decord sizes the rotated picture
         kwargs = {"width": width, "height": height}
     try:
-        return decord.VideoReader(path, ctx=decord.cpu(0), **kwargs)
+        return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads, **kwargs)
     except Exception as exc:  # decord raises its own DECORDError and plain RuntimeErrors
         raise VideoError("decode", "DecordError", f"{path}: decord cannot open: {first_line(exc)}") from None
 
@@ -50,16 +53,18 @@ def iter_frames(
     info: VideoInfo | None = None,
     *,
     reader: decord.VideoReader | None = None,
+    threads: int = 1,
 ) -> Iterator[DecodedFrame]:
     """Decode the requested frames with decord, in sorted chunks, resized in the decoder, as coded.
 
     Same contract as `flows.pyav_decoder.iter_frames`: each existing requested index once, ascending,
     `time_s` from the first frame. Raises VideoError(error_type="DecordError") when decord fails or
-    returns frames of the wrong shape. `reader` reuses a reader from `open_reader` with the same size.
+    returns frames of the wrong shape. `reader` reuses a reader from `open_reader` with the same size;
+    otherwise one opens with `threads` decoder threads.
     """
     wanted = validate_indices(indices)
     out_size = validate_size(size)
-    return _generate(path, wanted, out_size, info, reader)
+    return _generate(path, wanted, out_size, info, reader, threads)
 
 
 def _generate(
@@ -68,12 +73,13 @@ def _generate(
     out_size: tuple[int, int] | None,
     info: VideoInfo | None,
     reader: decord.VideoReader | None,
+    threads: int,
 ) -> Iterator[DecodedFrame]:
     if not wanted:
         return
     info = info or probe(path)
     quarter = quarter_turns(info.rotation)
-    vr = reader if reader is not None else open_reader(path, out_size, info.rotation)
+    vr = reader if reader is not None else open_reader(path, out_size, info.rotation, threads)
     n_frames = len(vr)
     wanted = [i for i in wanted if i < n_frames]
     if not wanted:

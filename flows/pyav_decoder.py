@@ -151,15 +151,17 @@ def iter_frames(
     info: VideoInfo | None = None,
     *,
     table: FrameTable | None = None,
+    threads: int = 1,
 ) -> Iterator[DecodedFrame]:
     """Decode the requested frames in one sorted pass, resized in the decoder, as coded (not rotated).
 
     Yields each requested index that exists once, in ascending order; `time_s` is seconds from the
-    video's first frame. Corrupt packets are skipped (their frames are not yielded).
+    video's first frame. Corrupt packets are skipped (their frames are not yielded). `threads` is the
+    codec's thread count (0: one per core).
     """
     wanted = validate_indices(indices)
     out_size = validate_size(size)
-    return _generate(path, wanted, out_size, info, table)
+    return _generate(path, wanted, out_size, info, table, threads)
 
 
 def _generate(
@@ -168,12 +170,13 @@ def _generate(
     size: tuple[int, int] | None,
     info: VideoInfo | None,
     table: FrameTable | None,
+    threads: int,
 ) -> Iterator[DecodedFrame]:
     if not wanted:
         return
     info = info or probe(path)
     table = table or scan(path, info)
-    reader = _Reader(path, info, table, size)
+    reader = _Reader(path, info, table, size, threads)
     try:
         yield from reader.read(wanted)
     finally:
@@ -183,11 +186,14 @@ def _generate(
 class _Reader:
     """One decode pass over a file: a container, its position, and the frame-index bookkeeping."""
 
-    def __init__(self, path: str, info: VideoInfo, table: FrameTable, size: tuple[int, int] | None) -> None:
+    def __init__(
+        self, path: str, info: VideoInfo, table: FrameTable, size: tuple[int, int] | None, threads: int
+    ) -> None:
         self.path = path
         self.info = info
         self.table = table
         self.size = size
+        self.threads = threads
         self.reformatter = VideoReformatter()
         self.stack = ExitStack()
         self.container: av.container.InputContainer
@@ -202,6 +208,7 @@ class _Reader:
         if stream is None:
             raise VideoError("decode", "NoVideoStream", f"{self.path}: no video stream")
         stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = self.threads
         self.stream = stream
 
     def close(self) -> None:

@@ -233,3 +233,13 @@ def test_clip_rows_can_carry_the_videos_probe_facts(shared_videos: Path) -> None
     assert "duration_s" not in next(
         iter_video_clips(row, ClipConfig(clip_len=2, size=(32, 32), clips_per_video=1))
     )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("clip_len", 0), ("size", (4, 32)), ("sampling", "dense"), ("stride", 17), ("decoder", "ffmpeg"),
+     ("decoder_threads", -1), ("audio_rate", 800), ("timeout_s", 0)],
+)  # fmt: skip
+def test_a_bad_clip_config_names_its_field(field: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=rf"^clip config: {field}="):
+        ClipConfig(**{field: value})

@@ -158,6 +158,21 @@ def test_decord_and_pyav_agree_frame_for_frame(shared_videos: Path, name: str) -
             assert frame.time_s == pytest.approx(ref.time_s, abs=1e-3), (name, frame.index)
 
 
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+@pytest.mark.parametrize("name", ["mmaction2/demo.mp4", "moviepy/chaplin.mp4", "media/sample_av1.mp4"])
+def test_frame_threads_change_no_frame(shared_videos: Path, name: str, backend: str) -> None:
+    # The dataflow decodes on one thread per video; frame threading reorders work around B-frames
+    # and seeks, and must not change a single pixel or timestamp.
+    path = str(shared_videos / name)
+    info = probe(path)
+    indices = sparse_indices(path, info.n_frames)
+    single = list(decode.iter_frames(path, info, indices, SMALL, backend, threads=1))
+    per_core = list(decode.iter_frames(path, info, indices, SMALL, backend, threads=0))
+    assert [f.index for f in single] == [f.index for f in per_core] == indices
+    for one, many in zip(single, per_core, strict=True):
+        assert np.array_equal(one.image, many.image) and one.time_s == many.time_s, (name, one.index)
+
+
 @pytest.mark.parametrize(
     "name", ["mmaction2/demo.mp4", "video_features/v_GGSY1Qvo990.mp4", "media/sample_vvc.mp4"]
 )
@@ -457,6 +472,8 @@ def test_bad_arguments_are_rejected_up_front(shared_videos: Path) -> None:
         decode.iter_frames(path, info, [1], (0, 64))
     with pytest.raises(ValueError, match="decoder"):
         decode.iter_frames(path, info, [1], SMALL, "ffmpeg")
+    with pytest.raises(ValueError, match="threads"):
+        decode.iter_frames(path, info, [1], SMALL, threads=-1)
     with pytest.raises(ValueError, match="start_s"):
         pyav_decoder.read_audio(path, 2.0, 1.0)
     assert list(decode.iter_frames(path, info, [])) == []
