@@ -36,18 +36,21 @@ class PredictConfig:
     """How the inference stage runs.
 
     `use_gpu=None` uses GPU actors when the cluster has GPUs. `concurrency` is the most actors (default:
-    one per GPU, or `cpu_actors` on CPU). `num_cpus` is reserved per actor: by default 1 for a GPU actor
-    (to feed it) and 0 for a CPU actor, whose model is several times faster than decoding, so that decode
-    tasks may use every core and the actor's torch `threads` (default 1) share them. `memory_gb` is
-    reserved per actor for its models and batches; that resource shape, unlike the decode tasks', also
-    keeps Ray Data from fusing decoding into the actors, so the two stages run (and scale) separately.
+    one per GPU, or `cpu_actors` on CPU, by default one per cluster CPU); Ray Data starts one and adds
+    more while the pool is busy. `num_cpus` is reserved per actor: by default 1 for a GPU actor (to feed
+    it) and 0 for a CPU actor, so that decode tasks may take every core and the actors' torch `threads`
+    (default 1) use what decoding leaves (Ray Data's backpressure pauses decoding while clips queue up).
+    One single-threaded actor per core beats one actor with a thread per core (no intra-op barriers).
+    `memory_gb` is reserved per actor for its models and batches; that resource shape, unlike the decode
+    tasks', also keeps Ray Data from fusing decoding into the actors, so the two stages run (and scale)
+    separately.
     """
 
     batch_size: int = 16
     concurrency: int | None = None
     use_gpu: bool | None = None
     num_cpus: float | None = None
-    cpu_actors: int = 1
+    cpu_actors: int | None = None
     threads: int | None = None
     memory_gb: float = 1.0
 
@@ -56,7 +59,7 @@ class PredictConfig:
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("concurrency", self.concurrency is None or self.concurrency >= 1, "must be >= 1"),
             ("num_cpus", self.num_cpus is None or self.num_cpus >= 0, "must be >= 0"),
-            ("cpu_actors", self.cpu_actors >= 1, "must be >= 1"),
+            ("cpu_actors", self.cpu_actors is None or self.cpu_actors >= 1, "must be >= 1"),
             ("threads", self.threads is None or self.threads >= 1, "must be >= 1"),
             ("memory_gb", self.memory_gb > 0, "must be > 0"),
         ]
@@ -150,7 +153,7 @@ def predict_dataset(
     if use_gpu:
         actors = config.concurrency or max(1, int(ray.cluster_resources().get("GPU", 1)))
     else:
-        actors = config.concurrency or config.cpu_actors
+        actors = config.concurrency or config.cpu_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
     num_cpus = config.num_cpus if config.num_cpus is not None else (1.0 if use_gpu else 0.0)
     return clips.map_batches(
         ClipPredictor,

@@ -97,7 +97,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.what == "tag":
         from jobs import bench_tag
 
-        bench_tag.main(bench_tag.BenchTagConfig(**({"videos": args.videos} if args.videos else {})))
+        kwargs = {"videos": args.videos} if args.videos else {}
+        bench_tag.main(bench_tag.BenchTagConfig(corpus=args.corpus, **kwargs))
     elif args.what == "train":
         from jobs import bench_train
 
@@ -238,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="models: clips per forward pass")
     p.add_argument("--models", help="models: comma-separated names")
     p.add_argument("--threads", type=int, help="models: torch threads (default: torch's own)")
-    p.add_argument("--corpus", help="decode: an existing corpus instead of a generated one")
+    p.add_argument("--corpus", help="decode, tag: an existing corpus instead of a generated one")
     p.add_argument("--videos", type=int, help="decode, tag: videos in the generated corpus")
     p.add_argument("--clips", type=int, help="train: pre-decoded clips per epoch")
     p.add_argument("--workers", type=int, help="train: Ray Train workers (1 torch thread each)")
