@@ -37,9 +37,10 @@ from jobs.runtime import console, init_ray
 class BenchTagConfig:
     """The generated corpus, the model and how the tag job runs."""
 
-    # About 3,600 windows: a few minutes of work, so that the job's fixed start-up (Ray, the actor pool, the
-    # first batch: ~10 s here) weighs as it would on a night of real catalog, not as on a toy run.
-    videos: int = 64
+    # 32 one-minute videos (~1,800 windows) per core, so that the job's fixed start-up (the actor pool and
+    # the first batch: ~10 s on 2 cores) weighs about as it would on a night of real catalog, not as on a
+    # toy run; more cores decode faster, so the corpus grows with them.
+    videos: int = field(default_factory=lambda: 32 * (os.cpu_count() or 1))
     frame_size: int = 128
     duration_s: float = 60.0
     fps: int = 15

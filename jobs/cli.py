@@ -63,6 +63,7 @@ def _make_corpus(args: argparse.Namespace) -> int:
         fps=args.fps,
         audio=not args.no_audio,
         subtitle_fraction=args.subtitle_fraction,
+        workers=args.workers,
     )
     print(make_corpus.main(config))
     return 0
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=int, default=15)
     p.add_argument("--subtitle-fraction", type=float, default=0.5, help="share of videos with a .srt sidecar")
     p.add_argument("--no-audio", action="store_true")
+    p.add_argument("--workers", type=int, help="rendering processes (default: one per core)")
     p.set_defaults(func=_make_corpus)
 
     p = sub.add_parser("clips", help="decode a corpus into clip rows (Parquet) and error rows")

@@ -1,8 +1,8 @@
 """Generate a synthetic labelled video corpus: H.264 + AAC MP4 files, sidecar subtitles and `labels.parquet`.
 
 Every label is drawn from a numpy Generator seeded by (seed, video index), so video i is the same file
-whatever the number of videos, and the labels are rendered into the pixels and the sound so that small
-models can learn them:
+whatever the number of videos or of the processes rendering them, and the labels are rendered into the
+pixels and the sound so that small models can learn them:
 
 - category: the scene — background texture and colours, and the shape of the one object in it;
 - actions: timed segments in which the camera slides sideways, bounces up and down, spins (rolls back
@@ -16,14 +16,18 @@ Usage: `main(CorpusConfig(out="corpus/", videos=200, seed=0, broken=6))`.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -80,6 +84,8 @@ MIN_ACTION_S, MAX_ACTION_S, MIN_ACTION_GAP_S, EDGE_S = 1.8, 2.8, 1.0, 0.3
 SHUTTER_SAMPLES = 4
 AAC_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium")
+# Videos per rendering process at least, by default: a process takes about a second to start.
+VIDEOS_PER_WORKER = 4
 MIN_HIGHLIGHT_S, MAX_HIGHLIGHT_S, MIN_HIGHLIGHT_GAP_S = 1.0, 1.6, 0.5
 
 
@@ -99,6 +105,7 @@ class CorpusConfig:
     audio_rate: int = 16000
     crf: int = 23
     preset: str = "veryfast"
+    workers: int | None = None  # rendering processes; None: one per core, at most one per 4 videos
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -120,6 +127,7 @@ class CorpusConfig:
             "audio_rate": (self.audio_rate in AAC_RATES, f"an AAC sample rate, one of {AAC_RATES}"),
             "crf": (whole(self.crf, 0, 51), "an x264 quality from 0 to 51"),
             "preset": (self.preset in X264_PRESETS, f"an x264 preset, one of {X264_PRESETS}"),
+            "workers": (self.workers is None or whole(self.workers, 1, 1024), "a whole number, 1 to 1024"),
         }
         try:
             storage.canonical_uri(self.out)
@@ -134,6 +142,12 @@ class CorpusConfig:
     @property
     def n_frames(self) -> int:
         return round(self.duration_s * self.fps)
+
+    @property
+    def processes(self) -> int:
+        """Processes that render the videos (this one alone when there are few)."""
+        wanted = self.workers or min(os.cpu_count() or 1, self.videos // VIDEOS_PER_WORKER)
+        return max(1, min(wanted, self.videos))
 
 
 @dataclass(frozen=True)
@@ -628,7 +642,7 @@ def labels_table(plans: list[VideoPlan], config: CorpusConfig) -> pa.Table:
     meta = {
         "categories": CATEGORIES, "sentiments": SENTIMENTS, "actions": ACTIONS,
         "generator_version": GENERATOR_VERSION,
-        "config": {k: v for k, v in asdict(config).items() if k not in ("out", "progress")},
+        "config": {k: v for k, v in asdict(config).items() if k not in ("out", "progress", "workers")},
     }
     schema = LABELS_SCHEMA.with_metadata({"reelflow.corpus": json.dumps(meta)})
     return pa.Table.from_pylist(rows, schema=schema)
@@ -649,6 +663,16 @@ def remove_stale(out: str, keep: set[str]) -> None:
             storage.remove(uri)
 
 
+def write_video(plan: VideoPlan, config: CorpusConfig, folder: str) -> list[str]:
+    """Render and encode one planned video (and its subtitle sidecar) into `folder`; the names written."""
+    audio = render_audio(plan, config) if config.audio else None
+    encode_mp4(os.path.join(folder, plan.file), render_frames(plan, config), audio, config)
+    if not plan.subtitle_file:
+        return [plan.file]
+    Path(folder, plan.subtitle_file).write_text(srt_text(plan.cues), encoding="utf-8")
+    return [plan.file, plan.subtitle_file]
+
+
 def main(config: CorpusConfig) -> str:
     """Generate the corpus into `config.out` and return the URI of its labels.parquet."""
     out = storage.canonical_uri(config.out)
@@ -666,14 +690,18 @@ def main(config: CorpusConfig) -> str:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console, disable=not config.progress) as progress:
             task = progress.add_task("make-corpus", total=config.videos + config.broken)
-            for plan in plans:
-                audio = render_audio(plan, config) if config.audio else None
-                encode_mp4(str(staging / plan.file), render_frames(plan, config), audio, config)
-                written.add(plan.file)
-                if plan.subtitle_file:
-                    (staging / plan.subtitle_file).write_text(srt_text(plan.cues), encoding="utf-8")
-                    written.add(plan.subtitle_file)
-                progress.advance(task)
+            write = functools.partial(write_video, config=config, folder=str(staging))
+            with contextlib.ExitStack() as stack:
+                if config.processes > 1:
+                    # spawn, not fork: callers may hold threads (Ray, progress bars)
+                    context = multiprocessing.get_context("spawn")
+                    pool = stack.enter_context(ProcessPoolExecutor(config.processes, mp_context=context))
+                    files = pool.map(write, plans)
+                else:
+                    files = map(write, plans)
+                for names in files:
+                    written.update(names)
+                    progress.advance(task)
             for k in range(config.broken):
                 kind, ext, data = broken_bytes(config, k)
                 name = f"broken_{k:03d}{ext}"

@@ -43,7 +43,7 @@ def corpus_config(out: Path | str, **overrides) -> CorpusConfig:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("corpus")
-    labels_uri = main(corpus_config(out, broken=N_BROKEN))
+    labels_uri = main(corpus_config(out, broken=N_BROKEN, workers=2))  # rendered by two processes
     assert labels_uri == str(out / "labels.parquet")
     return out
 
@@ -172,11 +172,11 @@ def test_labels_manifest_schema_and_values(corpus: Path, labels: list[dict]) -> 
 # --- determinism --------------------------------------------------------------------------------------
 
 
-def test_same_seed_gives_identical_files_whatever_the_count(
+def test_same_seed_gives_identical_files_whatever_the_count_and_the_processes(
     corpus: Path, labels: list[dict], tmp_path: Path
 ) -> None:
     small = tmp_path / "small"
-    main(corpus_config(small, videos=4))
+    main(corpus_config(small, videos=4, workers=1))
     rows = pq.read_table(small / "labels.parquet").to_pylist()
     assert rows == labels[:4]
     for row in rows:
@@ -362,7 +362,7 @@ def test_highlights_show_and_sound(corpus: Path, labels: list[dict], decoded) ->
     ("field", "value"),
     [("videos", -1), ("videos", 2.5), ("seed", -5), ("broken", -1), ("size", 31), ("size", 16),
      ("duration_s", 1.0), ("fps", 0), ("audio", "yes"), ("subtitle_fraction", 1.5), ("audio_rate", 12345),
-     ("preset", "placebo"), ("out", "gs://bucket/x"), ("out", "")],
+     ("preset", "placebo"), ("workers", 0), ("out", "gs://bucket/x"), ("out", "")],
 )
 def test_bad_config_is_a_one_line_error_naming_the_field(field: str, value) -> None:
     kwargs = {"out": "corpus", field: value}
