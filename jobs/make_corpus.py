@@ -11,7 +11,8 @@ pixels and the sound so that small models can learn them:
   the pitch and harmony of a sustained chord (low dissonant cluster → high major triad);
 - highlights: still sparkles and a thin gold frame over the picture, and a louder chord with a high chime.
 
-Usage: `main(CorpusConfig(out="corpus/", videos=200, seed=0, broken=6))`.
+Usage: `main(CorpusConfig(out="corpus/", videos=200, seed=0, broken=6))`. Videos render in spawned
+processes, so a script that calls it needs the usual `if __name__ == "__main__":` guard (or `workers=1`).
 """
 
 from __future__ import annotations
