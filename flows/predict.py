@@ -67,6 +67,10 @@ class PredictConfig:
             if not ok:
                 raise ValueError(f"predict config: {name}={getattr(self, name)!r} {why}")
 
+    def runs_on_gpu(self) -> bool:
+        """Whether the actors take GPUs: `use_gpu`, or when it is None, whether the cluster has any."""
+        return cluster_has_gpus() if self.use_gpu is None else self.use_gpu
+
 
 class ClipPredictor:
     """Ray Data callable class: loads the models once per actor, then predicts every head on each batch."""
@@ -147,7 +151,7 @@ def predict_dataset(
     plus one column per model output)."""
     if not loaders:
         raise ValueError("predict: give at least one model")
-    use_gpu = cluster_has_gpus() if config.use_gpu is None else config.use_gpu
+    use_gpu = config.runs_on_gpu()
     import ray.data
 
     if use_gpu:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from flows.clips import clip_dataset, list_video_rows, video_dataset
-from flows.predict import PredictConfig, cluster_has_gpus
+from flows.predict import PredictConfig
 from jobs import benchmarks, make_corpus, tag
 from jobs.runtime import console, init_ray
 
@@ -132,7 +132,7 @@ def main(config: BenchTagConfig) -> BenchTagResult:
         full.clips,
         full.startup_s,
         full.steady_clips_per_s,
-        shared_cores=not (config.predict.use_gpu or (config.predict.use_gpu is None and cluster_has_gpus())),
+        shared_cores=not config.predict.runs_on_gpu(),
     )
     _report(result, config)
     return result
