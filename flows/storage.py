@@ -198,7 +198,8 @@ def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 # --- errors -------------------------------------------------------------------------------------------
 
 
-def _redact(text: str) -> str:
+def redact(text: str) -> str:
+    """`text` on one line, with any secret of the AWS environment replaced by ***."""
     text = " ".join(str(text).split())
     for name in _SECRET_ENV:
         secret = os.environ.get(name)
@@ -246,7 +247,7 @@ def _translate(uri: str, err: Exception) -> Exception:
     ):
         return PermissionError(_denied(uri, err))
     if isinstance(err, OSError):
-        message = f"{uri}: {_redact(text) or type(err).__name__}"
+        message = f"{uri}: {redact(text) or type(err).__name__}"
         try:
             return type(err)(message)
         except TypeError:  # a library subclass with a constructor of its own
@@ -261,7 +262,7 @@ def _denied(uri: str, err: Exception) -> str:
     code = str(getattr(err.__cause__, "response", {}).get("Error", {}).get("Code") or "Forbidden")
     code = f"HTTP {code}" if code.isdigit() else code
     return (
-        f"{uri}: access denied to bucket {bucket_of(uri)} ({_redact(code)}); "
+        f"{uri}: access denied to bucket {bucket_of(uri)} ({redact(code)}); "
         "check the AWS credentials in the environment, profile or role"
     )
 
@@ -277,8 +278,8 @@ def _from_botocore(uri: str, err: Exception) -> Exception:
     if isinstance(err, bx.EndpointConnectionError | bx.ConnectTimeoutError | bx.ReadTimeoutError):
         return ConnectionError(f"{uri}: cannot reach {_endpoint_for_message()} ({type(err).__name__})")
     if isinstance(err, bx.ParamValidationError):  # e.g. a bucket name S3 does not allow
-        return ValueError(f"{uri}: not a valid S3 location ({_redact(str(err))})")
-    return OSError(f"{uri}: {type(err).__name__}: {_redact(str(err))}")
+        return ValueError(f"{uri}: not a valid S3 location ({redact(str(err))})")
+    return OSError(f"{uri}: {type(err).__name__}: {redact(str(err))}")
 
 
 # --- listing ------------------------------------------------------------------------------------------

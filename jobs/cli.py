@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 Command = Callable[[argparse.Namespace], int]
+EXIT_TEMPORARY = 75  # sysexits' EX_TEMPFAIL: try again later (the tables' lease was held or lost)
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -169,10 +170,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _tag(args: argparse.Namespace) -> int:
+    from flows.lease import LeaseHeld, LeaseLost
     from flows.predict import PredictConfig
     from jobs import tag
 
     predict = PredictConfig(batch_size=args.batch_size, concurrency=args.actors)
+    lease = {"lease_ttl_s": args.lease_ttl} if args.lease_ttl is not None else {}
     config = tag.TagConfig(
         corpus=args.corpus,
         models=tuple(args.model),
@@ -182,9 +185,30 @@ def _tag(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         stride=args.stride,
         predict=predict,
+        commit_every=args.commit_every,
+        lease_wait_s=args.lease_wait,
+        **lease,
     )
-    summary = tag.main(config)
+    try:
+        summary = tag.main(config)
+    except (LeaseHeld, LeaseLost) as err:
+        # Temporary: the run holding the tables (or the one that took them over) finishes the work, and
+        # the next run continues from what is committed.
+        print(f"reelflow tag: {err}", file=sys.stderr)
+        return EXIT_TEMPORARY
     return 1 if summary.failed and args.strict else 0
+
+
+def _tables(args: argparse.Namespace) -> int:
+    from flows import table_migration
+
+    if not table_migration.needs_migration(args.uri):
+        print(f"tables {args.uri}: already Delta Lake tables; nothing to migrate")
+        return 0
+    result = table_migration.migrate(args.uri, lease_wait_s=args.lease_wait)
+    rows = ", ".join(f"{name} {n}" for name, n in sorted(result.rows.items())) or "no rows"
+    print(f"migrated {result.runs} runs to Delta Lake tables in place ({rows})")
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -294,7 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="clips per inference batch")
     p.add_argument("--actors", type=int, help="inference actors (default: one per GPU, else 1)")
     p.add_argument("--strict", action="store_true", help="exit 1 when any video failed")
+    p.add_argument("--commit-every", type=int, default=10_000, metavar="N", help="videos per committed chunk")
+    p.add_argument(
+        "--lease-wait", type=float, metavar="S",
+        help="seconds to wait for another run's lease on the tables (default: its TTL and a quarter)",
+    )  # fmt: skip
+    p.add_argument("--lease-ttl", type=float, metavar="S", help="this run's lease TTL (default: 120)")
     p.set_defaults(func=_tag)
+
+    p = sub.add_parser("tables", help="operate the tables: migrate from the previous format")
+    ops = p.add_subparsers(dest="operation", required=True)
+    r = ops.add_parser("migrate", help="convert tables of the previous format to Delta Lake, in place")
+    r.add_argument("uri", help="folder or s3:// prefix of the tables")
+    r.add_argument("--lease-wait", type=float, metavar="S", help="seconds to wait for a running tag job")
+    r.set_defaults(func=_tables)
 
     p = sub.add_parser("evaluate", help="score a registered model on labelled videos; last line is JSON")
     p.add_argument("--model", required=True, help="models:/NAME/VERSION or models:/NAME@ALIAS")

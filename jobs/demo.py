@@ -5,7 +5,7 @@
 1. generate a labelled corpus with a few unreadable files (`make-corpus`);
 2. train the small multi-task model with Ray Train on 2 CPU workers (`jobs/configs/demo.yaml`), tracked and
    registered in MLflow (SQLite under the workdir), evaluated on its held-out videos;
-3. tag the whole corpus with the registered model into the Parquet tables (`reelflow tag`);
+3. tag the whole corpus with the registered model into the Delta Lake tables (`reelflow tag`);
 4. print the daily report and draw it as a PNG.
 
 Local Ray, a folder as object store and MLflow on SQLite: nothing to set up. A second run reuses the corpus,

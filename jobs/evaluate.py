@@ -23,8 +23,10 @@ from flows import labels as flabels
 from flows import storage
 from flows.aggregate import AggregateConfig, VideoSummary, summarize
 from flows.clips import VideoRow, list_video_rows
+from flows.inference import run_inference, tagging_clip_config
 from flows.predict import PredictConfig
-from jobs import evaluation, tag
+from jobs import evaluation
+from jobs.registered import DEFAULT_MLFLOW_DIR, resolve_models
 from jobs.runtime import console
 
 METRICS = ("category_top1", "category_top5", "action_f1", "sentiment_accuracy", "valence_mae", "highlight_f1")
@@ -59,16 +61,16 @@ def main(config: EvaluateConfig, videos: Sequence[str] | None = None) -> dict[st
     from jobs import tracking
     from jobs.runtime import init_ray
 
-    tracking_uri = tracking.tracking_uri(config.tracking_uri, tag.DEFAULT_MLFLOW_DIR)
-    (model,) = tag.resolve_models([config.model], tracking_uri)
+    tracking_uri = tracking.tracking_uri(config.tracking_uri, DEFAULT_MLFLOW_DIR)
+    (model,) = resolve_models([config.model], tracking_uri)
     manifest = flabels.read_manifest(config.labels or storage.join_uri(config.corpus, flabels.LABELS_FILE))
     rows = select_videos(config.corpus, manifest, videos)
-    clip_config = tag.tagging_clip_config([model.spec], None)
+    clip_config = tagging_clip_config([model.spec], None)
     console.print(f"evaluate: {model.uri} on {len(rows)} labelled videos of {config.corpus}")
 
     init_ray()
     with tempfile.TemporaryDirectory(prefix="reelflow-evaluate-") as tmp:
-        result = tag.run_inference(rows, [model], clip_config, config.predict, tmp, progress=False)
+        result = run_inference(rows, [model], clip_config, config.predict, tmp)
     by_file = {flabels.relative_file(r.uri, config.corpus): r.video_id for r in rows}
     summaries: dict[str, VideoSummary] = {}
     for file, vid in by_file.items():

@@ -1,10 +1,11 @@
 """`reelflow query` and `reelflow report`: SQL and the morning reports over the committed tables.
 
 Each table is a DuckDB view named after it (`videos, classifications, actions, sentiment, highlights,
-errors`) over a pyarrow dataset of that table's committed files only (`flows.tables.read_snapshot`), so
-a query never sees a night that is still being written. DuckDB scans the datasets lazily, with projection
-and filter pushdown (`WHERE run_date = ...` reads one partition). S3 goes through the pyarrow filesystem
-of `flows.storage`, never through DuckDB's httpfs extension (which downloads itself at run time).
+errors`) over the pyarrow dataset of that Delta table at the version of the last complete chunk in the run
+log (`flows.tables.read_snapshot`), so a query never sees half of a chunk across tables. DuckDB scans the
+datasets lazily, with projection and filter pushdown (`WHERE run_date = ...` reads one partition). S3 goes
+through deltalake's own object store client, never through DuckDB's httpfs or delta extensions (which
+download themselves at run time).
 
     reelflow query "SELECT label, count(*) FROM classifications WHERE rank = 1 GROUP BY 1" --tables s3://b/t
     reelflow report daily --date 2024-05-01 --plot daily.png
@@ -39,8 +40,6 @@ Format = Literal["table", "csv", "json", "parquet"]
 FORMATS: tuple[str, ...] = ("table", "csv", "json", "parquet")
 # Where `reelflow demo` keeps its tables; REELFLOW_TABLES points the reports elsewhere.
 DEFAULT_TABLES = os.environ.get("REELFLOW_TABLES", "reelflow-demo/tables")
-# A query whose files a concurrent publish moved or replaced is planned again on a fresh snapshot.
-ATTEMPTS = 3
 
 out_console = Console()
 
@@ -101,14 +100,13 @@ class TrendReportConfig:
 
 
 def connect(tables_uri: str, snapshot: tables.Snapshot | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with one view per table over its committed files (of `snapshot`)."""
+    """An in-memory DuckDB connection with one view per table, every table at the `snapshot`'s version."""
     if snapshot is None:
         check_tables_uri(tables_uri)
         snapshot = tables.read_snapshot(tables_uri)
-    snap = snapshot
     con = duckdb.connect()
     for name in tables.TABLES:
-        con.register(name, tables.dataset(tables_uri, name, snap))
+        con.register(name, tables.dataset(tables_uri, name, snapshot))
     return con
 
 
@@ -123,25 +121,14 @@ def run_sql(tables_uri: str, sql: str, params: Mapping[str, Any] | None = None) 
 
 
 def on_snapshot(tables_uri: str, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
-    """`work` on `connect`; when a scan fails because a publish changed the files since, on the new files."""
-    check_tables_uri(tables_uri)
-    snapshot = tables.read_snapshot(tables_uri)
-    for attempt in range(1, ATTEMPTS + 1):
-        con = connect(tables_uri, snapshot)
-        try:
-            return work(con)
-        except duckdb.Error as err:
-            # A dataset scan that failed on a file: if a publish moved or replaced files after our listing,
-            # plan again; if nothing changed, the error is real (a corrupt or deleted file).
-            if "registered as" in str(err) and attempt < ATTEMPTS:
-                fresh = tables.read_snapshot(tables_uri)
-                if fresh != snapshot:
-                    snapshot = fresh
-                    continue
-            raise QueryError(_first_line(err)) from None
-        finally:
-            con.close()
-    raise AssertionError("unreachable: the last attempt returns or raises")
+    """`work` on a connection over the tables as of the last complete chunk."""
+    con = connect(tables_uri)
+    try:
+        return work(con)
+    except duckdb.Error as err:
+        raise QueryError(_first_line(err)) from None
+    finally:
+        con.close()
 
 
 def check_tables_uri(tables_uri: str) -> None:

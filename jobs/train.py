@@ -43,6 +43,7 @@ from flows import storage
 from flows.clips import ClipConfig, VideoRow, clip_dataset, list_video_rows, video_dataset
 from flows.transforms import Augment, audio_crop, augment, flip_labels, temporal_crop
 from jobs.config import ConfigError, redact
+from jobs.registered import DEFAULT_MLFLOW_DIR
 from models import MODELS, build, head_loss, save_model
 
 log = logging.getLogger(__name__)
@@ -1100,7 +1101,7 @@ def main(config: TrainConfig) -> TrainResult:
 def _default_mlflow_dir(config: TrainConfig) -> str:
     """SQLite beside the run's checkpoints when they are local; a local folder when they are on S3."""
     return (
-        str(Path("reelflow-mlflow").resolve())
+        str(Path(DEFAULT_MLFLOW_DIR).resolve())
         if storage.is_s3(config.run_uri)
         else storage.join_uri(config.run_uri, "mlflow")
     )

@@ -143,6 +143,14 @@ def ray_session(s3_server: str) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
+def ray_address(ray_session: None) -> str:
+    """The address of the session's Ray instance, for drivers in other processes (`RAY_ADDRESS`)."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real MLflow tracking server (`mlflow server`) on 127.0.0.1; yields its URI `http://127.0.0.1:PORT`.
 

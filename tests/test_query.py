@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from deltalake import DeltaTable
 
-from flows import storage, tables
-from flows.tables import TableWriter
+from flows import table_writer, tables
 from jobs import query
 
 D1, D2, D3 = dt.date(2024, 5, 1), dt.date(2024, 5, 2), dt.date(2024, 5, 3)
@@ -29,46 +29,47 @@ def tag_night(
     videos: dict[str, tuple[str, float, str]],
     errors: Sequence[tuple[str, str, str]] = (),
     actions: Sequence[tuple[str, str]] = (),
-    stage_only: bool = False,
-) -> TableWriter:
+    replace: bool = False,
+) -> None:
     """Commit one hand-built night: video_id → (top-1 label, its score, sentiment label); failed videos as
-    (video_id, stage, error_type); action segments as (video_id, label)."""
+    (video_id, stage, error_type); action segments as (video_id, label). `replace`: a full re-run."""
     ids = list(videos)
 
     def pred(rows: list[dict]) -> pa.Table:
         return pa.Table.from_pylist([{**MODEL, "uri": f"s3://corpus/{r['video_id']}.mp4", **r} for r in rows])
 
-    writer = TableWriter(uri, job, date)
-    writer.stage("videos", pa.Table.from_pylist([
-        {"video_id": v, "uri": f"s3://corpus/{v}.mp4", "size_bytes": 10_000, "etag": "e", "duration_s": 6.0,
-         "fps": 15.0, "n_frames": 90, "width": 128, "height": 128, "codec": "h264", "has_audio": True,
-         "status": "failed" if v in {e[0] for e in errors} else "tagged"}
-        for v in ids + [e[0] for e in errors]
-    ]))  # fmt: skip
-    writer.stage("classifications", pred(
-        [{"video_id": v, "head": "category", "label": lab, "score": s, "rank": 1}
-         for v, (lab, s, _) in videos.items()]
-        + [{"video_id": v, "head": "category", "label": "other", "score": 1 - s, "rank": 2}
-           for v, (_, s, _) in videos.items()]
-    ))  # fmt: skip
-    writer.stage("sentiment", pred(
-        [{"video_id": v, "scope": "video", "label": sent, "score": 0.8, "valence": 0.5, "start_s": 0.0,
-          "end_s": 6.0} for v, (_, _, sent) in videos.items()]
-        + [{"video_id": v, "scope": "segment", "label": "neutral", "score": 0.6, "valence": 0.0,
-            "start_s": 0.0, "end_s": 2.0} for v in ids]
-    ))  # fmt: skip
-    segments = [{"video_id": v, "label": lab, "start_s": 1.0, "end_s": 3.0, "score": 0.7}
-                for v, lab in actions]  # fmt: skip
-    writer.stage("actions", pred(segments) if segments else tables.file_schema("actions").empty_table())
-    writer.stage("errors", pa.Table.from_pylist(
-        [{"video_id": v, "uri": f"s3://corpus/{v}.mp4", "stage": st, "error_type": et,
-          "message": f"{v}: {et}", "model_name": None, "model_version": None, "job_run_id": job}
-         for v, st, et in errors],
-        schema=tables.file_schema("errors"),
-    ))  # fmt: skip
-    if not stage_only:
-        writer.commit()
-    return writer
+    rows = {
+        "videos": pa.Table.from_pylist([
+            {"video_id": v, "uri": f"s3://corpus/{v}.mp4", "size_bytes": 10_000, "etag": "e",
+             "duration_s": 6.0, "fps": 15.0, "n_frames": 90, "width": 128, "height": 128, "codec": "h264",
+             "has_audio": True,
+             "status": "failed" if v in {e[0] for e in errors} else "tagged"}
+            for v in ids + [e[0] for e in errors]
+        ]),
+        "classifications": pred(
+            [{"video_id": v, "head": "category", "label": lab, "score": s, "rank": 1}
+             for v, (lab, s, _) in videos.items()]
+            + [{"video_id": v, "head": "category", "label": "other", "score": 1 - s, "rank": 2}
+               for v, (_, s, _) in videos.items()]
+        ),
+        "sentiment": pred(
+            [{"video_id": v, "scope": "video", "label": sent, "score": 0.8, "valence": 0.5, "start_s": 0.0,
+              "end_s": 6.0} for v, (_, _, sent) in videos.items()]
+            + [{"video_id": v, "scope": "segment", "label": "neutral", "score": 0.6, "valence": 0.0,
+                "start_s": 0.0, "end_s": 2.0} for v in ids]
+        ),
+        "actions": pred([{"video_id": v, "label": lab, "start_s": 1.0, "end_s": 3.0, "score": 0.7}
+                         for v, lab in actions]) if actions else tables.file_schema("actions").empty_table(),
+        "errors": pa.Table.from_pylist(
+            [{"video_id": v, "uri": f"s3://corpus/{v}.mp4", "stage": st, "error_type": et,
+              "message": f"{v}: {et}", "model_name": MODEL["model_name"],
+              "model_version": MODEL["model_version"]}
+             for v, st, et in errors],
+            schema=tables.file_schema("errors").remove(tables.file_schema("errors").get_field_index("job_run_id")),
+        ),
+    }  # fmt: skip
+    with table_writer.writing(uri, job, date) as writer:
+        writer.write_chunk({name: t for name, t in rows.items() if t.num_rows}, replace=replace)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -90,7 +91,7 @@ def catalog(tmp_path: Path) -> str:
     tag_night(uri, "n1", D1, first, [("bad1", "probe", "InvalidData"), ("bad2", "decode", "Timeout")], spins)
     # The same night again in full: one broken file now fails differently.
     again = [("bad1", "probe", "InvalidData"), ("bad2", "probe", "EmptyFile")]
-    tag_night(uri, "n1-full", D1, first, again, spins)
+    tag_night(uri, "n1-full", D1, first, again, spins, replace=True)
     tag_night(uri, "n2", D2, {"v7": ("nature", 0.9, "negative")})
     tag_night(uri, "n3", D3, {"v8": ("cooking", 0.9, "positive"), "v9": ("cooking", 0.5, "positive")},
               actions=[("v8", "spin"), ("v8", "bounce")])  # fmt: skip
@@ -154,51 +155,37 @@ def test_missing_bucket_is_named(s3_server: str) -> None:
         query.run_sql("s3://no-such-bucket/tables", "SELECT 1")
 
 
-def test_a_reader_sees_the_old_night_or_the_new_one(tables_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_reader_sees_only_complete_chunks(tables_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     old = {f"v{i}": ("cooking", 0.9, "positive") for i in range(4)}
-    new = {f"v{i}": ("nature", 0.9, "positive") for i in range(6)}
+    new = {f"v{i}": ("nature", 0.9, "positive") for i in range(4, 10)}
     tag_night(tables_uri, "n1", D1, old)
     count = "SELECT label, count(*) AS n FROM classifications WHERE rank = 1 GROUP BY ALL ORDER BY ALL"
+    joined = "SELECT count(*) AS n FROM classifications c JOIN videos v USING (video_id) WHERE c.rank = 1"
 
-    writer = tag_night(tables_uri, "n2", D1, new, stage_only=True)
-    assert query.run_sql(tables_uri, count).to_pylist() == [{"label": "cooking", "n": 4}]
+    # The next night's commit is cut off after the classifications (and the tables before them) took it.
+    real = table_writer._step
 
-    # The publish dies after moving one file: the commit stands, so readers see the new night whole.
-    real, moved = storage.rename, []
-
-    def rename(src: str, dst: str) -> None:
-        if moved:
+    def die_after_classifications(name: str) -> None:
+        real(name)
+        if name == "committed classifications":
             raise RuntimeError("driver killed")
-        real(src, dst)
-        moved.append(dst)
 
-    monkeypatch.setattr(storage, "rename", rename)
+    monkeypatch.setattr(table_writer, "_step", die_after_classifications)
     with pytest.raises(RuntimeError, match="driver killed"):
-        writer.commit()
+        tag_night(tables_uri, "n2", D2, new)
     monkeypatch.undo()
-    assert query.run_sql(tables_uri, count).to_pylist() == [{"label": "nature", "n": 6}]
-    tables.recover(tables_uri)
-    assert query.run_sql(tables_uri, count).to_pylist() == [{"label": "nature", "n": 6}]
+    latest = DeltaTable(f"{tables_uri}/classifications", storage_options=tables.storage_options(tables_uri))
+    assert latest.to_pyarrow_table().num_rows == 20  # the table alone already holds the cut-off chunk
+    assert query.run_sql(tables_uri, count).to_pylist() == [{"label": "cooking", "n": 4}]
+    assert query.run_sql(tables_uri, joined).to_pylist() == [{"n": 4}]
 
-
-def test_a_query_planned_before_a_publish_is_planned_again(
-    catalog: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    stale = tables.read_snapshot(catalog)
-    tag_night(catalog, "n3-full", D3, {"v8": ("music", 0.9, "positive")})  # deletes files `stale` lists
-    real, calls = tables.read_snapshot, []
-
-    def snapshot(uri: str, *args, **kwargs) -> tables.Snapshot:
-        calls.append(uri)
-        return stale if len(calls) == 1 else real(uri, *args, **kwargs)
-
-    monkeypatch.setattr(tables, "read_snapshot", snapshot)
-    sql = "SELECT video_id, label FROM classifications WHERE run_date = '2024-05-03' AND rank = 1 ORDER BY 1"
-    result = query.run_sql(catalog, sql)
-    assert len(calls) == 2  # the first plan read files the re-run had replaced
-    assert result.to_pylist() == [
-        {"video_id": "v8", "label": "music"}, {"video_id": "v9", "label": "cooking"}
-    ]  # fmt: skip
+    # The next run rolls the chunk forward: readers then see all of it, across tables.
+    tag_night(tables_uri, "n3", D3, {})
+    assert query.run_sql(tables_uri, count).to_pylist() == [
+        {"label": "cooking", "n": 4},
+        {"label": "nature", "n": 6},
+    ]
+    assert query.run_sql(tables_uri, joined).to_pylist() == [{"n": 10}]
 
 
 # --- reports ----------------------------------------------------------------------------------------
@@ -269,11 +256,11 @@ def test_reports_on_a_fresh_catalog_say_what_to_do(tmp_path: Path) -> None:
 def test_a_night_filter_reads_only_that_partition(catalog: str) -> None:
     # Break the files of one night: a query about another night does not open them, one about it fails
     # with a one-line error naming the file.
-    for uri in tables.committed_files(catalog, "classifications"):
+    for uri in DeltaTable(f"{catalog}/classifications").file_uris():
         if "run_date=2024-05-02" in uri:
             Path(uri).write_bytes(b"not parquet")
     sql = "SELECT count(*) AS n FROM classifications WHERE run_date = DATE '2024-05-03'"
     assert query.run_sql(catalog, sql).to_pylist() == [{"n": 4}]
-    with pytest.raises(query.QueryError, match=r"run_date=2024-05-02/part-n2-0\.parquet") as err:
+    with pytest.raises(query.QueryError, match=r"run_date=2024-05-02/part-n2-\w+\.parquet") as err:
         query.run_sql(catalog, "SELECT count(*) FROM classifications")
     assert "\n" not in str(err.value)

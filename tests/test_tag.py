@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from deltalake import DeltaTable
 
 from flows import labels as flabels
 from flows import storage, tables
@@ -57,11 +58,15 @@ def _config(corpus: str, tables_uri: str, model: tuple[str, str], **kwargs) -> t
 def _rows(tables_uri: str, name: str) -> list[dict]:
     """A table's committed rows without the run columns, floats rounded, sorted: comparable across runs."""
     table = tables.read_table(tables_uri, name)
-    drop = [c for c in ("job_run_id",) if c in table.column_names]
+    drop = [c for c in ("job_run_id", "first_seen", "last_seen") if c in table.column_names]
     out = []
     for row in table.drop_columns(drop).to_pylist():
         out.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
     return sorted(out, key=lambda r: json.dumps(r, sort_keys=True, default=str))
+
+
+def _sorted_rows(table: pa.Table) -> list[dict]:
+    return sorted(table.to_pylist(), key=lambda r: json.dumps(r, sort_keys=True, default=str))
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +167,12 @@ def test_tag_on_s3_writes_every_table_against_labels_and_errors(s3_run):
     assert run.data.metrics["clips"] == summary.clips and run.info.status == "FINISHED"
     assert "label_distribution.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
 
-    # Plain hive layout: TABLES/<table>/run_date=YYYY-MM-DD/part-*.parquet
+    # Delta Lake tables partitioned by run_date, which any Delta reader sees as `reelflow query` does.
     for name in tables.TABLES:
-        files = tables.committed_files(tables_uri, name)
-        assert files and all(f"/{name}/run_date={DATE}/part-{summary.job_run_id}-" in f for f in files)
+        delta = DeltaTable(f"{tables_uri}/{name}", storage_options=tables.storage_options(tables_uri))
+        assert all(f"/{name}/run_date={DATE}/part-{summary.job_run_id}-" in f for f in delta.file_uris())
+        assert _sorted_rows(delta.to_pyarrow_table()) == _sorted_rows(tables.read_table(tables_uri, name))
+    assert (summary.chunks, summary.rolled_forward) == (1, 0)
 
 
 def test_tag_again_decodes_nothing_and_adds_no_rows(s3_run):
@@ -239,28 +246,29 @@ def test_killed_run_then_rerun_equals_a_clean_run(ray_session, local_corpus, tag
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     assert killed, "".join(seen)[-2000:]
-    assert tables.read_snapshot(crashed).committed == frozenset()  # nothing of the killed night is visible
+    assert tables.read_snapshot(crashed).run_id is None  # nothing of the killed night is visible
 
     tag.main(_config(str(local_corpus), crashed, tagging_model))
     for name in tables.TABLES:
         assert _rows(crashed, name) == _rows(clean, name), name
-    assert not storage.exists(storage.join_uri(crashed, tables.STAGING)) or not storage.list_files(
-        storage.join_uri(crashed, tables.STAGING)
-    )
+    scratch = storage.join_uri(crashed, tag.SCRATCH)
+    assert not storage.exists(scratch) or not storage.list_files(scratch)  # the killed run's is cleaned
 
 
 def test_reader_sees_the_old_night_or_the_new_one(ray_session, local_corpus, tagging_model, tmp_path):
     tables_uri = str(tmp_path / "tables")
     tag.main(_config(str(local_corpus), tables_uri, tagging_model))
-    old = query.run_sql(tables_uri, "SELECT count(*) AS n FROM classifications").column("n")[0].as_py()
+    sql = """SELECT (SELECT min(run_date)::VARCHAR || '/' || max(run_date) || '/' || count(*)
+                     FROM classifications)
+                    || ' ' || (SELECT min(run_date)::VARCHAR || '/' || count(*) FROM videos) AS state"""
+    old = query.run_sql(tables_uri, sql).column("state")[0].as_py()
 
-    seen: set[int] = set()
+    seen: set[str] = set()
     done = threading.Event()
 
     def read() -> None:
         while not done.is_set():
-            n = query.run_sql(tables_uri, "SELECT count(*) AS n FROM classifications").column("n")[0].as_py()
-            seen.add(n)
+            seen.add(query.run_sql(tables_uri, sql).column("state")[0].as_py())
             time.sleep(0.02)
 
     reader = threading.Thread(target=read)
@@ -270,8 +278,9 @@ def test_reader_sees_the_old_night_or_the_new_one(ray_session, local_corpus, tag
     finally:
         done.set()
         reader.join()
-    new = query.run_sql(tables_uri, "SELECT count(*) AS n FROM classifications").column("n")[0].as_py()
-    assert new == 2 * old
+    # The full re-run replaces every row (exactly once per video and model version, across nights).
+    new = query.run_sql(tables_uri, sql).column("state")[0].as_py()
+    assert old.replace(DATE, "2024-05-02") == new != old
     assert seen <= {old, new} and old in seen
 
 
@@ -323,3 +332,33 @@ def test_models_reading_different_clips_are_refused():
         tag.tagging_clip_config([a.spec, b.spec], None)
     config = tag.tagging_clip_config([a.spec, a.spec], None)
     assert (config.sampling, config.stride, config.clip_len, config.size) == ("sliding", 16, 16, (64, 64))
+
+
+def test_a_polling_reader_sees_whole_chunks_only(ray_session, local_corpus, tagging_model, tmp_path):
+    tables_uri = str(tmp_path / "tables")
+    sql = """SELECT (SELECT count(*) FROM videos) AS videos,
+                    (SELECT count(DISTINCT video_id) FROM classifications) AS classified,
+                    (SELECT count(DISTINCT video_id) FROM sentiment WHERE scope = 'video') AS scored,
+                    (SELECT count(DISTINCT video_id) FROM errors) AS failed"""
+    seen: set[tuple[int, ...]] = set()
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            seen.add(tuple(query.run_sql(tables_uri, sql).to_pylist()[0].values()))
+            time.sleep(0.02)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        summary = tag.main(_config(str(local_corpus), tables_uri, tagging_model, commit_every=3))
+    finally:
+        done.set()
+        reader.join()
+    assert summary.chunks == 3 and summary.tagged + summary.failed == 8
+    final = tuple(query.run_sql(tables_uri, sql).to_pylist()[0].values())
+    assert final == (8, 6, 6, 2)
+    # Every state a reader saw is a whole number of chunks: the tables agree with each other.
+    for videos, classified, scored, failed in seen:
+        assert videos == classified + failed and classified == scored, seen
+    assert {videos for videos, *_ in seen} <= {0, 3, 6, 8}
