@@ -145,10 +145,3 @@ def pending_chunks(log: pa.Table) -> list[PendingChunk]:
         PendingChunk(e["run_id"], e["chunk"], e["night"], tuple(e["models"] or ()), json.loads(e["actions"]))
         for e in pending
     ]
-
-
-def last_token(log: pa.Table | None) -> int:
-    """The highest fencing token in the log (0 for none)."""
-    if log is None or not log.num_rows:
-        return 0
-    return int(pc.max(log.column("token")).as_py())

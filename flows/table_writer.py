@@ -270,10 +270,6 @@ class TableWriter:
     def open(self) -> list[runs.PendingChunk]:
         """Create and fence the tables, then roll interrupted chunks forward; returns those chunks."""
         started = time.perf_counter()
-        if runs.last_token(runs.read_log(self.tables_uri)) // SEQUENCE_SPAN > self.epoch:
-            raise LeaseLost(
-                f"tables {self.tables_uri}: a newer lease epoch has committed; this run lost the lease"
-            )
         for name in (tables.RUNS, *tables.TABLES):  # the log first: tables without one are not ours
             self._ensure(name)
         fence = self._token()

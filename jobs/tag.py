@@ -247,7 +247,7 @@ def tag_in_chunks(
         count_top_labels(per_video, models, summary.label_counts)
         if count > 1:
             console.print(f"chunk {index + 1}/{count} committed: {len(chunk)} videos")
-    _remove_quietly(storage.join_uri(scratch, writer.job_run_id))
+    _remove_quietly(scratch)
 
 
 def chunk_rows(

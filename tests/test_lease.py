@@ -53,9 +53,9 @@ def test_a_waiting_run_gets_the_lease_when_the_holder_releases_it(tmp_path: Path
 
 def test_a_live_holders_heartbeat_keeps_the_lease_past_its_ttl(tmp_path: Path) -> None:
     uri = str(tmp_path)
-    with Lease.acquire(uri, "long-night", ttl_s=0.4) as held:
+    with Lease.acquire(uri, "long-night", ttl_s=1.0) as held:
         with pytest.raises(LeaseHeld):
-            Lease.acquire(uri, "retry", ttl_s=0.4, wait_s=1.2)
+            Lease.acquire(uri, "retry", ttl_s=1.0, wait_s=3.0)
         held.check()  # still ours
 
 
