@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -271,16 +272,23 @@ def delta_errors(uri: str) -> Iterator[None]:
     except (DeltaError, OSError) as err:
         if getattr(err, "_reelflow_storage", False):
             raise
-        text = " ".join(str(err).split())
+        text = " ".join(_ANSI.sub("", str(err)).replace("↳", ";").split())
         lowered = text.lower().replace(" ", "")
-        if any(word in lowered for word in ("permission", "forbidden", "accessdenied")):
-            new: Exception = PermissionError(f"{uri}: access denied ({_short(text)})")
+        if any(word in lowered for word in _DENIED):
+            new: Exception = PermissionError(
+                f"{uri}: access denied to bucket {storage.bucket_of(uri)}; "
+                "check the AWS credentials in the environment, profile or role"
+            )
         elif "nosuchbucket" in lowered or ("bucket" in lowered and "notexist" in lowered):
             new = FileNotFoundError(f"{uri}: no such bucket")
         else:
             new = OSError(f"{uri}: {type(err).__name__}: {_short(text)}")
         new._reelflow_storage = True  # type: ignore[attr-defined]
         raise new from None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_DENIED = ("privileges", "permission", "forbidden", "accessdenied", "accesskey", "credential")
 
 
 def _short(text: str, limit: int = 300) -> str:

@@ -121,6 +121,14 @@ def s3_bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
     return f"s3://{name}"
 
 
+@pytest.fixture(params=["local", "s3"])
+def tables_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A tables location: a local folder, or a prefix in a fresh bucket on the S3 protocol server."""
+    if request.param == "local":
+        return str(tmp_path / "tables")
+    return request.getfixturevalue("s3_bucket") + "/warehouse/tables"
+
+
 @pytest.fixture(scope="session")
 def ray_session(s3_server: str) -> Iterator[None]:
     """One local Ray instance for the whole test session (Ray takes seconds to start).

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,6 @@ from flows import lease as leases
 from flows.lease import Lease, LeaseHeld, LeaseLost
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(params=["local", "s3"])
-def tables_uri(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "local":
-        yield str(tmp_path / "tables")
-    else:
-        yield request.getfixturevalue("s3_bucket") + "/tables"
 
 
 def test_a_held_lease_makes_the_next_run_wait_then_name_the_holder(tables_uri: str) -> None:

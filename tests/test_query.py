@@ -6,7 +6,7 @@ import csv
 import datetime as dt
 import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -70,14 +70,6 @@ def tag_night(
     }  # fmt: skip
     with table_writer.writing(uri, job, date) as writer:
         writer.write_chunk({name: t for name, t in rows.items() if t.num_rows}, replace=replace)
-
-
-@pytest.fixture(params=["local", "s3"])
-def tables_uri(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "local":
-        yield str(tmp_path / "tables")
-    else:
-        yield request.getfixturevalue("s3_bucket") + "/tables"
 
 
 @pytest.fixture

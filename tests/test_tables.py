@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -96,15 +96,6 @@ def writer_holding(uri: str, job: str, *, ttl_s: float = 60.0, date: dt.date = N
     writer = TableWriter(uri, job, date, lease=lease)
     writer.open()
     return writer
-
-
-@pytest.fixture(params=["local", "s3"])
-def tables_uri(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A tables location: a local folder, or a prefix in a fresh bucket on the S3 protocol server."""
-    if request.param == "local":
-        yield str(tmp_path / "tables")
-    else:
-        yield request.getfixturevalue("s3_bucket") + "/warehouse/tables"
 
 
 # --- schemas and validation ---------------------------------------------------------------------------
@@ -221,6 +212,21 @@ def test_files_written_but_not_committed_are_invisible_to_every_reader(tmp_path:
     assert rows_of(uri, "classifications", "video_id", "rank") == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
     assert DeltaTable(f"{uri}/classifications").to_pyarrow_table().num_rows == 4
     assert pl.read_delta(f"{uri}/classifications").height == 4
+
+
+def test_wrong_credentials_are_one_line_naming_the_bucket_never_the_secret(
+    strict_s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", strict_s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unknown-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-right-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with pytest.raises(PermissionError) as err:
+        tables.read_snapshot("s3://analytics/tables")
+    message = str(err.value)
+    assert "\n" not in message and "\x1b" not in message
+    assert message.startswith("s3://analytics/tables/_runs: access denied to bucket analytics; check")
+    assert "not-the-right-secret" not in message
 
 
 # --- replacement -------------------------------------------------------------------------------------
