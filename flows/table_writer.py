@@ -9,8 +9,8 @@ One run is one `TableWriter`, used while the run holds the tables' lease (`writi
 2. `write_files` validates rows and writes them as Parquet data files into the table's folder, where they
    stay invisible until committed. Any process can write them (it returns plain `DataFile`s).
 3. `commit_chunk` logs the chunk as pending in `_runs` with its file actions (the write-ahead record that
-   roll-forward needs), commits each table in one Delta transaction (the chunk's files, and with `claims`
-   the removal of earlier rows under the same keys, rewriting a file whose other rows stay), then logs the
+   roll-forward needs), commits each table in one Delta transaction (the chunk's files, and with `remove`
+   the removal of earlier rows under given keys, rewriting a file whose other rows stay), then logs the
    chunk committed with the version of every table: the point readers pin.
 4. `finish` logs the run's end.
 
@@ -33,9 +33,9 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from deltalake import DeltaTable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 APP_ID = "reelflow"
 SEQUENCE_SPAN = 1_000_000  # fencing token = epoch * SEQUENCE_SPAN + sequence
@@ -183,36 +184,23 @@ def _stat_value(value: Any) -> Any:
     return value
 
 
-# --- replacement claims -------------------------------------------------------------------------------
+# --- replacement ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Claims:
-    """Keys whose earlier rows a chunk replaces: (video, model, version) in the prediction tables and
-    `errors`; video ids in `videos`."""
-
-    predictions: pa.Table
-    videos: pa.Table
-
-    @classmethod
-    def of_rows(cls, rows: Mapping[str, pa.Table]) -> Claims:
-        """The keys of the given rows, so that a video re-tagged with no row in some table still loses its
-        earlier rows there."""
-        keyed = [
-            t.select(list(tables.PREDICTION_KEY)) for n, t in rows.items() if n != "videos" and t.num_rows
-        ]
-        predictions = (
-            pa.concat_tables([k.cast(_key_schema(tables.PREDICTION_KEY)) for k in keyed])
-            if keyed else _key_schema(tables.PREDICTION_KEY).empty_table()
-        )  # fmt: skip
-        videos = rows.get("videos")
-        video_keys = videos.select(["video_id"]) if videos is not None else None
-        return cls(
-            _distinct(predictions), _distinct(video_keys or _key_schema(tables.VIDEO_KEY).empty_table())
-        )
-
-    def for_table(self, name: str) -> pa.Table:
-        return self.videos if name == "videos" else self.predictions
+def replaced_keys(rows: Mapping[str, pa.Table]) -> dict[str, pa.Table]:
+    """Per table, the keys whose earlier rows a chunk of `rows` replaces: (video, model, version) in the
+    prediction tables and `errors`, taken from all of them (a video re-tagged with no row in some table
+    still loses its earlier rows there), and the video ids in `videos`."""
+    keyed = [t.select(list(tables.PREDICTION_KEY)) for n, t in rows.items() if n != "videos" and t.num_rows]
+    predictions = _distinct(
+        pa.concat_tables([k.cast(_key_schema(tables.PREDICTION_KEY)) for k in keyed])
+        if keyed
+        else _key_schema(tables.PREDICTION_KEY).empty_table()
+    )
+    out = {name: predictions for name in tables.TABLES if name != "videos"}
+    if "videos" in rows:
+        out["videos"] = _distinct(rows["videos"].select(list(tables.VIDEO_KEY)))
+    return out
 
 
 def _key_schema(columns: Sequence[str]) -> pa.Schema:
@@ -259,6 +247,7 @@ class TableWriter:
         self.chunks = 0
         self.recovered: list[runs.PendingChunk] = []
         self.commit_seconds = 0.0  # time spent in the commit protocol (the bench reports it)
+        self.outcome: str | None = None  # what the run did, in a line: logged with its end
         self._sequence = 0
         self._started = dt.datetime.now(dt.timezone.utc)
         self._handles: dict[str, DeltaTable] = {}
@@ -288,18 +277,21 @@ class TableWriter:
         """Write and commit one chunk of rows; with `replace`, earlier rows under the same keys go."""
         files = {name: self.write_files(name, data) for name, data in rows.items()}
         _step("files written")
-        return self.commit_chunk(files, Claims.of_rows(rows) if replace else None)
+        return self.commit_chunk(files, replaced_keys(rows) if replace else None)
 
     def commit_chunk(
         self,
         files: Mapping[str, Sequence[DataFile]],
-        claims: Claims | None = None,
+        remove: Mapping[str, pa.Table] | None = None,
         *,
         run_id: str | None = None,
         night: dt.date | None = None,
         models: Sequence[str] | None = None,
     ) -> ChunkResult | None:
         """Commit the files of one chunk to every table exactly once; None when there is nothing to commit.
+
+        `remove` maps a table to key columns (string values): its committed rows with those values go in the
+        same commit (a file holding other rows too is rewritten without them).
 
         `run_id`, `night` and `models` log the chunk as another run's (its only chunk), as a migration does.
         """
@@ -310,8 +302,9 @@ class TableWriter:
         changes: dict[str, TableChange] = {}
         for name in tables.TABLES:
             change = TableChange(list(files.get(name, ())), rows=sum(f.rows for f in files.get(name, ())))
-            if claims is not None and claims.for_table(name).num_rows:
-                self._plan_replacement(name, claims.for_table(name), change)
+            keys = (remove or {}).get(name)
+            if keys is not None and keys.num_rows:
+                self._plan_removal(name, keys, change)
             if change.adds or change.removes:
                 changes[name] = change
         if not changes:
@@ -347,6 +340,31 @@ class TableWriter:
         self._log(status, 0, self._token(), message=message, run_id=run_id, night=night)
         _step(status)
         self.commit_seconds += time.perf_counter() - started
+
+    def fenced(self, name: str, operation: str, action: Callable[[DeltaTable, Any], T]) -> T:
+        """Run a deltalake operation that commits (optimize, vacuum, repair) on table `name` (or `_runs`)
+        as this run's: `action(table, commit_properties)` must pass the properties to its commit."""
+        from deltalake import CommitProperties, Transaction
+
+        self.lease.check()
+        uri = tables.table_uri(self.tables_uri, name)
+        properties = CommitProperties(
+            app_transactions=[Transaction(APP_ID, self._token())],
+            custom_metadata={"reelflow.run": self.job_run_id, "reelflow.epoch": self.epoch,
+                             "reelflow.operation": operation},
+        )  # fmt: skip
+        table = self._latest(name)
+        self._check_fence(table, uri)
+        with tables.delta_errors(uri):
+            result = action(table, properties)
+        self._check_fence(self._latest(name), uri)
+        return result
+
+    def commit_point(self, message: str) -> ChunkResult:
+        """Log the tables' current versions as a complete chunk of this run (after `fenced` operations),
+        so that readers move on to them."""
+        self.chunks += 1
+        return self._log_committed(self.job_run_id, self.chunks, self._token(), {}, message=message)
 
     # -- internals --
 
@@ -479,7 +497,7 @@ class TableWriter:
             _step("rolled forward")
         return pending
 
-    def _plan_replacement(self, name: str, keys: pa.Table, change: TableChange) -> None:
+    def _plan_removal(self, name: str, keys: pa.Table, change: TableChange) -> None:
         """Add to `change` the removal of every committed file holding rows under `keys`, and a rewrite of
         the rows of such a file that stay."""
         table = self._latest(name)
@@ -487,6 +505,7 @@ class TableWriter:
         files = pa.table(table.get_add_actions(flatten=True))
         file_schema = tables.file_schema(name)
         columns = list(keys.column_names)
+        keys = keys.cast(_key_schema(columns))
         for entry in files.select(["path", "size_bytes", f"partition.{tables.PARTITION}"]).to_pylist():
             run_date = entry[f"partition.{tables.PARTITION}"]
             run_date = run_date.isoformat() if run_date is not None else None
@@ -546,6 +565,6 @@ def writing(
                         runs.FAILED, message=f"{type(err).__name__}: {storage.redact(str(err))[:500]}"
                     )
             raise
-        writer.finish()
+        writer.finish(message=writer.outcome)
     finally:
         lease.release()

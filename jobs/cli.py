@@ -151,7 +151,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _query(args: argparse.Namespace) -> int:
     from jobs import query
 
-    query.main(query.QueryConfig(sql=args.sql, tables=args.tables, format=args.format, out=args.out))
+    read = query.ReadOptions(as_of=args.as_of, memory_limit=args.memory_limit, timeout_s=args.timeout)
+    config = query.QueryConfig(sql=args.sql, tables=args.tables, format=args.format, out=args.out, read=read)
+    query.main(config)
     return 0
 
 
@@ -200,15 +202,23 @@ def _tag(args: argparse.Namespace) -> int:
 
 
 def _tables(args: argparse.Namespace) -> int:
-    from flows import table_migration
+    from flows.lease import LeaseHeld, LeaseLost
+    from jobs import catalog
 
-    if not table_migration.needs_migration(args.uri):
-        print(f"tables {args.uri}: already Delta Lake tables; nothing to migrate")
-        return 0
-    result = table_migration.migrate(args.uri, lease_wait_s=args.lease_wait)
-    rows = ", ".join(f"{name} {n}" for name, n in sorted(result.rows.items())) or "no rows"
-    print(f"migrated {result.runs} runs to Delta Lake tables in place ({rows})")
-    return 0
+    config = catalog.CatalogConfig(
+        operation=args.operation,
+        tables=args.uri,
+        lease_wait_s=getattr(args, "lease_wait", None),
+        retain=getattr(args, "retain", "7d"),
+        target_size_mb=getattr(args, "target_size", None),
+        uri_pattern=getattr(args, "uri_pattern", None),
+        format=getattr(args, "format", "table"),
+    )
+    try:
+        return catalog.main(config)
+    except (LeaseHeld, LeaseLost) as err:
+        print(f"reelflow tables {args.operation}: {err}", file=sys.stderr)
+        return EXIT_TEMPORARY
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -289,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tables", required=True, help="folder or s3:// prefix holding the tables")
     p.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table")
     p.add_argument("--out", help="write the result to this file or s3:// URI instead of printing it")
+    p.add_argument("--as-of", metavar="DATE|RUN_ID", help="the tables as an earlier run (or night) left them")
+    p.add_argument("--memory-limit", metavar="SIZE", help="DuckDB's memory limit, e.g. 4GB")
+    p.add_argument("--timeout", type=float, metavar="S", help="cancel the query after S seconds")
     p.set_defaults(func=_query)
 
     p = sub.add_parser("report", help="the morning reports over the committed tables")
@@ -326,12 +339,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-ttl", type=float, metavar="S", help="this run's lease TTL (default: 120)")
     p.set_defaults(func=_tag)
 
-    p = sub.add_parser("tables", help="operate the tables: migrate from the previous format")
+    p = sub.add_parser("tables", help="operate the tables: history, check, repair, maintenance, purge")
     ops = p.add_subparsers(dest="operation", required=True)
-    r = ops.add_parser("migrate", help="convert tables of the previous format to Delta Lake, in place")
-    r.add_argument("uri", help="folder or s3:// prefix of the tables")
-    r.add_argument("--lease-wait", type=float, metavar="S", help="seconds to wait for a running tag job")
-    r.set_defaults(func=_tables)
+    operations = {
+        "history": "list the runs: night, models, chunks, rows per table, start, end, status",
+        "check": "verify the tables open, the run log's versions exist, no key is duplicated (exit 1 if not)",
+        "repair": "mend what check reports: half-committed chunks, duplicated keys, missing files",
+        "optimize": "compact each night's small files",
+        "vacuum": "delete files that no version within the retention period reads",
+        "purge": "delete a source's rows from every table (takedowns, privacy requests)",
+        "migrate": "convert tables of the previous format to Delta Lake, in place",
+    }
+    for operation, text in operations.items():
+        r = ops.add_parser(operation, help=text)
+        r.add_argument("uri", help="folder or s3:// prefix of the tables")
+        if operation == "history":
+            r.add_argument("--format", choices=("table", "csv", "json"), default="table")
+        else:
+            r.add_argument("--lease-wait", type=float, metavar="S", help="seconds to wait for a running job")
+        if operation == "vacuum":
+            r.add_argument("--retain", default="7d", help="keep what versions this recent read (7d, 36h)")
+        if operation == "optimize":
+            r.add_argument("--target-size", type=int, metavar="MB", help="size of the compacted files")
+        if operation == "purge":
+            r.add_argument("--uri", dest="uri_pattern", required=True, metavar="PATTERN",
+                           help="the source's URI, or a glob (* and ?) over source URIs")  # fmt: skip
+        r.set_defaults(func=_tables)
 
     p = sub.add_parser("evaluate", help="score a registered model on labelled videos; last line is JSON")
     p.add_argument("--model", required=True, help="models:/NAME/VERSION or models:/NAME@ALIAS")

@@ -21,19 +21,22 @@ import io
 import json
 import math
 import os
+import re
+import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-from flows import storage, tables
+from flows import runs, storage, tables
 
 T = TypeVar("T")
 Format = Literal["table", "csv", "json", "parquet"]
@@ -49,6 +52,27 @@ class QueryError(ValueError):
 
 
 @dataclass(frozen=True)
+class ReadOptions:
+    """How a query reads the tables: as of an earlier run or night (`as_of`: a run id or YYYY-MM-DD), and
+    the limits a service identity runs under (DuckDB's `memory_limit`, e.g. '4GB'; `timeout_s`)."""
+
+    as_of: str | None = None
+    memory_limit: str | None = None
+    timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.as_of is not None and not self.as_of.strip():
+            raise ValueError("query: --as-of is empty; give a run id or a date YYYY-MM-DD")
+        if self.memory_limit is not None and not _MEMORY.fullmatch(self.memory_limit.strip()):
+            raise ValueError(f"query: memory_limit={self.memory_limit!r}: expected a size like 512MB or 4GB")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError(f"query: timeout={self.timeout_s} must be > 0 seconds")
+
+
+_MEMORY = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
 class QueryConfig:
     """One SQL query over the tables at `tables`, printed (or written to `out`) in `format`."""
 
@@ -56,6 +80,7 @@ class QueryConfig:
     tables: str
     format: Format = "table"
     out: str | None = None
+    read: ReadOptions = field(default_factory=ReadOptions)
 
     def __post_init__(self) -> None:
         if not self.sql.strip():
@@ -99,35 +124,79 @@ class TrendReportConfig:
 # --- the query layer ---------------------------------------------------------------------------------
 
 
-def connect(tables_uri: str, snapshot: tables.Snapshot | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with one view per table, every table at the `snapshot`'s version."""
+def connect(
+    tables_uri: str, snapshot: tables.Snapshot | None = None, memory_limit: str | None = None
+) -> duckdb.DuckDBPyConnection:
+    """A sandboxed in-memory DuckDB connection: a view per table, every table at the `snapshot`'s version
+    (the last complete chunk's by default), the schema `current`, and no access to files or settings."""
     if snapshot is None:
         check_tables_uri(tables_uri)
         snapshot = tables.read_snapshot(tables_uri)
     con = duckdb.connect()
     for name in tables.TABLES:
         con.register(name, tables.dataset(tables_uri, name, snapshot))
+    _add_current_views(con, tables_uri)
+    if memory_limit:
+        con.execute(f"SET memory_limit = '{memory_limit.strip()}'")
+    # The views are Arrow datasets that deltalake scans; SQL itself reaches no file, extension or setting
+    # (`COPY … TO`, `read_csv('/etc/passwd')`, `ATTACH`, `INSTALL`, `SET …` are refused).
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
     return con
 
 
-def run_sql(tables_uri: str, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
+def _add_current_views(con: duckdb.DuckDBPyConnection, tables_uri: str) -> None:
+    """`current.<table>`: per URI, only the rows of its newest content (a re-uploaded object has a new
+    video_id; its newest is the one whose `videos` row came last, by night and then commit order)."""
+    log_table = runs.read_log(tables.root_uri(tables_uri)) if storage.exists(tables_uri) else None
+    order = pa.table({"job_run_id": pa.array([], pa.string()), "token": pa.array([], pa.int64())})
+    if log_table is not None:
+        committed = log_table.filter(pc.equal(log_table.column("status"), runs.COMMITTED))
+        order = committed.group_by("run_id").aggregate([("token", "min")])
+        order = order.rename_columns(["job_run_id", "token"])
+    con.register("_run_order", order)
+    con.execute("CREATE SCHEMA current")
+    newest = """SELECT video_id FROM (
+        SELECT v.video_id, row_number() OVER (
+            PARTITION BY v.uri ORDER BY v.run_date DESC, o.token DESC NULLS LAST, v.video_id DESC) AS n
+        FROM main.videos v LEFT JOIN _run_order o USING (job_run_id)) WHERE n = 1"""
+    for name in tables.TABLES:
+        con.execute(f"CREATE VIEW current.{name} AS SELECT * FROM main.{name} WHERE video_id IN ({newest})")
+
+
+def run_sql(
+    tables_uri: str, sql: str, params: Mapping[str, Any] | None = None, read: ReadOptions | None = None
+) -> pa.Table:
     """The result of one SQL text (the last statement's rows; empty when it returns none) as Arrow."""
 
     def work(con: duckdb.DuckDBPyConnection) -> pa.Table:
         relation = con.sql(sql, params=dict(params)) if params else con.sql(sql)
         return relation.to_arrow_table() if relation is not None else pa.table({})
 
-    return on_snapshot(tables_uri, work)
+    return on_snapshot(tables_uri, work, read)
 
 
-def on_snapshot(tables_uri: str, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
-    """`work` on a connection over the tables as of the last complete chunk."""
-    con = connect(tables_uri)
+def on_snapshot(
+    tables_uri: str, work: Callable[[duckdb.DuckDBPyConnection], T], read: ReadOptions | None = None
+) -> T:
+    """`work` on a connection over the tables as of the last complete chunk (or `read.as_of`)."""
+    read = read or ReadOptions()
+    check_tables_uri(tables_uri)
+    con = connect(tables_uri, tables.read_snapshot(tables_uri, as_of=read.as_of), read.memory_limit)
+    timer = threading.Timer(read.timeout_s, con.interrupt) if read.timeout_s else None
+    if timer is not None:
+        timer.start()
     try:
         return work(con)
+    except duckdb.InterruptException:
+        raise QueryError(f"query: cancelled after {read.timeout_s:g} s (--timeout)") from None
+    except duckdb.PermissionException as err:
+        raise QueryError(f"query: only the tables can be read here ({_first_line(err)})") from None
     except duckdb.Error as err:
         raise QueryError(_first_line(err)) from None
     finally:
+        if timer is not None:
+            timer.cancel()
         con.close()
 
 
@@ -138,7 +207,7 @@ def check_tables_uri(tables_uri: str) -> None:
 
 def main(config: QueryConfig) -> pa.Table:
     """Run the query and print or write its result; returns the result."""
-    result = run_sql(config.tables, config.sql)
+    result = run_sql(config.tables, config.sql, read=config.read)
     if config.format == "table":
         if config.out:
             storage.write_bytes(config.out, render_text(result).encode())
@@ -197,8 +266,8 @@ def rich_table(result: pa.Table, title: str | None = None) -> Table:
     """A rich table of an Arrow result (numbers right-aligned, floats to 3 decimals)."""
     table = Table(title=title, title_justify="left", header_style="bold")
     numeric = [pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in result.schema]
-    for field, right in zip(result.schema, numeric, strict=True):
-        table.add_column(field.name, justify="right" if right else "left")
+    for column, right in zip(result.schema, numeric, strict=True):
+        table.add_column(column.name, justify="right" if right else "left")
     for row in result.to_pylist():
         table.add_row(*(_cell(v) for v in row.values()))
     if not result.num_rows:
