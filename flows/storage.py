@@ -95,11 +95,11 @@ def canonical_uri(uri: str) -> str:
 def _split_s3(uri: str) -> tuple[str, str]:
     rest = uri.split("://", 1)[1]
     bucket, _, key = rest.partition("/")
-    key = key.strip("/")
+    # A key is kept as it is, but for a trailing slash: S3 allows any key ("a//b", "/a", spaces, unicode),
+    # and a listing must name every object it finds so that reading it reaches that object.
+    key = key.rstrip("/")
     if not bucket:
         raise ValueError(f"{uri}: an S3 URI needs a bucket (s3://bucket/prefix)")
-    if "//" in key:
-        raise ValueError(f"{uri}: empty path segment ('//') in S3 key")
     return bucket, key
 
 

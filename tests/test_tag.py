@@ -364,3 +364,31 @@ def test_a_polling_reader_sees_whole_chunks_only(ray_session, local_corpus, tagg
         assert videos == classified + failed and classified == scored, seen
     assert {videos for videos, *_ in seen} <= {0, 3, 6, 8}
     assert {3, 6} & {videos for videos, *_ in seen}, seen  # it did look while the night was running
+
+
+ODD_KEYS = [
+    "odd/a//b.mp4", "odd//lead.mp4", "odd/with space.mp4", "odd/ünïcødé.mp4", "odd/run_date=2024/x.mp4",
+    "odd/" + "l" * 900 + ".mp4", "odd/pct%20x.mp4", "odd/q?x#y.mp4", "/top.mp4",
+]  # fmt: skip
+
+
+def test_odd_keys_are_tagged_or_error_rows_and_the_night_completes(
+    ray_session, s3_server, small_corpus, tagging_model, tmp_path
+):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="odd-keys")
+    manifest = flabels.read_manifest(str(small_corpus / flabels.LABELS_FILE))
+    video = (small_corpus / sorted(manifest.videos)[0]).read_bytes()
+    for key in ODD_KEYS:
+        s3.put_object(Bucket="odd-keys", Key=key, Body=video)
+    s3.put_object(Bucket="odd-keys", Key="odd/broken .mp4", Body=b"not a video")
+    tables_uri = str(tmp_path / "tables")
+
+    summary = tag.main(_config("s3://odd-keys", tables_uri, tagging_model))
+    assert (summary.listed, summary.tagged, summary.failed) == (len(ODD_KEYS) + 1, len(ODD_KEYS), 1)
+    tagged = query.run_sql(tables_uri, "SELECT DISTINCT uri FROM classifications").column("uri").to_pylist()
+    assert sorted(tagged) == sorted(f"s3://odd-keys/{key}" for key in ODD_KEYS)  # each from its own object
+    failed = query.run_sql(tables_uri, "SELECT uri FROM errors").column("uri").to_pylist()
+    assert failed == ["s3://odd-keys/odd/broken .mp4"]
