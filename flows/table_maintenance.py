@@ -16,12 +16,16 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from flows import runs, storage, table_writer, tables
 from flows.table_writer import TableWriter
+
+if TYPE_CHECKING:
+    from deltalake import DeltaTable
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +215,10 @@ def repair(tables_uri: str, *, lease_wait_s: float | None = None) -> list[str]:
     return done
 
 
-def _missing_files(root: str, name: str, table: object) -> list[Problem]:
+def _missing_files(root: str, name: str, table: DeltaTable) -> list[Problem]:
     folder = tables.table_uri(root, name)
     listed = {uri[len(folder) + 1 :] for uri in storage.list_files(folder, suffix=".parquet")}
-    active = pa.table(table.get_add_actions(flatten=True)).column("path").to_pylist()  # type: ignore[attr-defined]
+    active = pa.table(table.get_add_actions(flatten=True)).column("path").to_pylist()
     missing = [path for path in active if path not in listed]
     if not missing:
         return []
