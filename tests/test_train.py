@@ -179,7 +179,7 @@ def _is_train_worker(process: Any) -> bool:
 
     try:
         return any("RayTrainWorker" in part for part in process.cmdline())
-    except psutil.Error:  # gone, or a zombie (killed drivers of other tests leave some under the raylet)
+    except psutil.Error:  # it exited between the listing and this read (gone, or not yet reaped)
         return False
 
 
