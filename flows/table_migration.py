@@ -23,9 +23,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from flows import runs, storage, table_writer, tables
+from flows import runs, storage, table_files, table_writer, tables
 from flows.lease import DEFAULT_TTL_S, Lease
-from flows.table_writer import DataFile
+from flows.table_files import DataFile
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def _data_file(uri: str, relpath: str, run_date: str) -> DataFile:
     table = pq.read_table(path, filesystem=fs)
     size = int(fs.get_file_info(path).size)
     return DataFile(relpath, size, table.num_rows, run_date, int(dt.datetime.now().timestamp() * 1000),
-                    table_writer.file_stats(table))  # fmt: skip
+                    table_files.file_stats(table))  # fmt: skip
 
 
 def _migrated_runs(root: str) -> set[str]:

@@ -6,8 +6,8 @@ One run is one `TableWriter`, used while the run holds the tables' lease (`writi
    has, and fences: an empty commit into every table carrying this run's fencing token. From then on no
    commit of an earlier lease epoch can land anywhere. Then it rolls forward every chunk that an earlier run
    logged as pending and did not log as committed (its commits were cut off part way).
-2. `write_files` validates rows and writes them as Parquet data files into the table's folder, where they
-   stay invisible until committed. Any process can write them (it returns plain `DataFile`s).
+2. `write_files` (flows.table_files) validates rows and writes them as Parquet data files into the table's
+   folder, where they stay invisible until committed. Any process can write them.
 3. `commit_chunk` logs the chunk as pending in `_runs` with its file actions (the write-ahead record that
    roll-forward needs), commits each table in one Delta transaction (the chunk's files, and with `remove`
    the removal of earlier rows under given keys, rewriting a file whose other rows stay), then logs the
@@ -15,7 +15,7 @@ One run is one `TableWriter`, used while the run holds the tables' lease (`writi
 4. `finish` logs the run's end.
 
 Fencing: every commit carries the Delta app transaction (APP_ID, epoch × 10^6 + sequence), the sequence
-being 0 for the fence and counting the chunks this holder commits (its own and rolled-forward ones). Before
+being 0 for the fence and growing with each chunk, log entry and operation of the holder. Before
 committing, a table whose latest token has a newer epoch refuses the commit (LeaseLost); a concurrent commit
 with the same app id makes Delta itself refuse ours (CommitFailedError), and the check runs again. A chunk
 whose files a table already holds is not committed to it again, so a retried chunk lands once.
@@ -27,14 +27,12 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import math
 import os
 import re
 import socket
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
@@ -42,6 +40,15 @@ import pyarrow.parquet as pq
 
 from flows import runs, storage, tables
 from flows.lease import DEFAULT_TTL_S, Lease, LeaseLost
+from flows.table_files import (
+    DataFile,
+    RemovedFile,
+    TableChange,
+    key_schema,
+    replaced_keys,
+    write_files,
+    write_parquet,
+)
 
 if TYPE_CHECKING:
     from deltalake import DeltaTable
@@ -52,7 +59,6 @@ T = TypeVar("T")
 APP_ID = "reelflow"
 SEQUENCE_SPAN = 1_000_000  # fencing token = epoch * SEQUENCE_SPAN + sequence
 COMMIT_ATTEMPTS = 8
-MAX_ROWS_PER_FILE = 1_000_000
 _JOB_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
@@ -67,149 +73,6 @@ def check_job_run_id(job_run_id: str) -> None:
 def _step(name: str) -> None:
     """A point in the commit protocol (tests stop the process at each one)."""
     log.debug("tables: %s", name)
-
-
-# --- data files ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DataFile:
-    """A Parquet file in a table's folder (`path` relative to it): what its Delta add action records."""
-
-    path: str
-    size: int
-    rows: int
-    run_date: str | None
-    modification_time: int
-    stats: str
-
-    def add_action(self) -> Any:
-        from deltalake.transaction import AddAction
-
-        partition = {tables.PARTITION: self.run_date} if self.run_date is not None else {}
-        return AddAction(self.path, self.size, partition, self.modification_time, True, self.stats)
-
-
-@dataclass(frozen=True)
-class RemovedFile:
-    """A committed file that a chunk removes (its rows are replaced)."""
-
-    path: str
-    size: int
-    run_date: str | None
-
-    def remove_action(self) -> Any:
-        from deltalake.transaction import RemoveAction
-
-        partition = {tables.PARTITION: self.run_date} if self.run_date is not None else None
-        return RemoveAction(self.path, True, int(time.time() * 1000), self.size, partition)
-
-
-@dataclass
-class TableChange:
-    """One table's part of a chunk: files to add (`rows` new rows) and files to remove (`replaced` rows)."""
-
-    adds: list[DataFile] = field(default_factory=list)
-    removes: list[RemovedFile] = field(default_factory=list)
-    rows: int = 0
-    replaced: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return {"add": [asdict(f) for f in self.adds], "remove": [asdict(f) for f in self.removes],
-                "rows": self.rows, "replaced": self.replaced}  # fmt: skip
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> TableChange:
-        return cls([DataFile(**f) for f in data["add"]], [RemovedFile(**f) for f in data["remove"]],
-                   int(data["rows"]), int(data["replaced"]))  # fmt: skip
-
-
-def write_files(
-    tables_uri: str,
-    name: str,
-    data: pa.Table,
-    *,
-    job_run_id: str,
-    run_date: dt.date,
-    max_rows_per_file: int = MAX_ROWS_PER_FILE,
-) -> list[DataFile]:
-    """Validate `data` against table `name` and write it as uncommitted data files of partition `run_date`."""
-    table = tables.validate(name, data, job_run_id=job_run_id, run_date=run_date)
-    if max_rows_per_file < 1:
-        raise tables.TableError(f"max_rows_per_file={max_rows_per_file} must be >= 1")
-    out = []
-    for offset in range(0, table.num_rows, max_rows_per_file):
-        out.append(_write_parquet(tables.table_uri(tables_uri, name), table.slice(offset, max_rows_per_file),
-                                  run_date.isoformat(), job_run_id))  # fmt: skip
-    return out
-
-
-def _write_parquet(folder_uri: str, table: pa.Table, run_date: str | None, tag: str) -> DataFile:
-    partition = f"{tables.PARTITION}={run_date}/" if run_date is not None else ""
-    relpath = f"{partition}part-{tag}-{uuid.uuid4().hex[:12]}.parquet"
-    uri = storage.join_uri(folder_uri, relpath)
-    storage.makedirs(uri.rsplit("/", 1)[0])
-    fs, path = storage.arrow_filesystem(uri)
-    pq.write_table(table, path, filesystem=fs, compression="zstd")
-    size = fs.get_file_info(path).size
-    return DataFile(relpath, int(size), table.num_rows, run_date, int(time.time() * 1000), file_stats(table))
-
-
-def file_stats(table: pa.Table) -> str:
-    """Delta file statistics: row count, and per flat column its nulls, minimum and maximum."""
-    mins: dict[str, Any] = {}
-    maxs: dict[str, Any] = {}
-    nulls: dict[str, int] = {}
-    for column, spec in zip(table.columns, table.schema, strict=True):
-        if pa.types.is_nested(spec.type):
-            continue
-        nulls[spec.name] = column.null_count
-        if not table.num_rows or column.null_count == table.num_rows:
-            continue
-        low, high = (v.as_py() for v in pa.compute.min_max(column).values())
-        if isinstance(low, str) and max(len(low), len(high)) > 64:
-            continue  # a truncated maximum would be wrong; skipping a statistic is always allowed
-        if isinstance(low, float) and (math.isnan(low) or math.isnan(high)):
-            continue
-        mins[spec.name], maxs[spec.name] = _stat_value(low), _stat_value(high)
-    stats = {"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls}
-    return json.dumps(stats)
-
-
-def _stat_value(value: Any) -> Any:
-    if isinstance(value, dt.datetime):
-        return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-    if isinstance(value, dt.date):
-        return value.isoformat()
-    return value
-
-
-# --- replacement ----------------------------------------------------------------------------------------
-
-
-def replaced_keys(rows: Mapping[str, pa.Table]) -> dict[str, pa.Table]:
-    """Per table, the keys whose earlier rows a chunk of `rows` replaces: (video, model, version) in the
-    prediction tables and `errors`, taken from all of them (a video re-tagged with no row in some table
-    still loses its earlier rows there), and the video ids in `videos`."""
-    keyed = [t.select(list(tables.PREDICTION_KEY)) for n, t in rows.items() if n != "videos" and t.num_rows]
-    predictions = _distinct(
-        pa.concat_tables([k.cast(_key_schema(tables.PREDICTION_KEY)) for k in keyed])
-        if keyed
-        else _key_schema(tables.PREDICTION_KEY).empty_table()
-    )
-    out = {name: predictions for name in tables.TABLES if name != "videos"}
-    if "videos" in rows:
-        out["videos"] = _distinct(rows["videos"].select(list(tables.VIDEO_KEY)))
-    return out
-
-
-def _key_schema(columns: Sequence[str]) -> pa.Schema:
-    return pa.schema([pa.field(c, pa.string()) for c in columns])
-
-
-def _distinct(keys: pa.Table) -> pa.Table:
-    keys = keys.cast(_key_schema(keys.column_names))
-    return keys.group_by(keys.column_names).aggregate([]).select(keys.column_names)
 
 
 # --- the writer ---------------------------------------------------------------------------------------
@@ -466,7 +329,7 @@ class TableWriter:
             night=night or self.run_date, models=self.models if models is None else models,
             started_at=self._started, host=socket.gethostname(), pid=os.getpid(), **fields,
         )  # fmt: skip
-        file = _write_parquet(tables.table_uri(self.tables_uri, tables.RUNS), entry, None, self.job_run_id)
+        file = write_parquet(tables.table_uri(self.tables_uri, tables.RUNS), entry, None, self.job_run_id)
         self._commit(tables.RUNS, TableChange([file], rows=1), token, operation=f"log {status}")
 
     def _log_committed(
@@ -505,12 +368,12 @@ class TableWriter:
         files = pa.table(table.get_add_actions(flatten=True))
         file_schema = tables.file_schema(name)
         columns = list(keys.column_names)
-        keys = keys.cast(_key_schema(columns))
+        keys = keys.cast(key_schema(columns))
         for entry in files.select(["path", "size_bytes", f"partition.{tables.PARTITION}"]).to_pylist():
             run_date = entry[f"partition.{tables.PARTITION}"]
             run_date = run_date.isoformat() if run_date is not None else None
             fs, path = storage.arrow_filesystem(storage.join_uri(folder, entry["path"]))
-            old_keys = pq.read_table(path, filesystem=fs, columns=columns).cast(_key_schema(columns))
+            old_keys = pq.read_table(path, filesystem=fs, columns=columns).cast(key_schema(columns))
             hit = old_keys.join(keys, keys=columns, join_type="left semi").num_rows
             if not hit:
                 continue
@@ -519,7 +382,7 @@ class TableWriter:
             if hit < old_keys.num_rows:
                 old = pq.read_table(path, filesystem=fs, schema=file_schema)
                 kept = old.join(keys, keys=columns, join_type="left anti").select(file_schema.names)
-                change.adds.append(_write_parquet(folder, kept.cast(file_schema), run_date, self.job_run_id))
+                change.adds.append(write_parquet(folder, kept.cast(file_schema), run_date, self.job_run_id))
 
 
 def _holds(table: DeltaTable, change: TableChange) -> bool:
@@ -558,8 +421,8 @@ def writing(
         writer.open()
         try:
             yield writer
-        except BaseException as err:
-            if not isinstance(err, (LeaseLost, KeyboardInterrupt)):
+        except Exception as err:  # an interrupt, or a lost lease, ends a run "interrupted", with no word
+            if not isinstance(err, LeaseLost):
                 with contextlib.suppress(Exception):
                     writer.finish(
                         runs.FAILED, message=f"{type(err).__name__}: {storage.redact(str(err))[:500]}"

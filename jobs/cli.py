@@ -158,15 +158,15 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from jobs import query
+    from jobs import query, report
 
     tables = args.tables or query.DEFAULT_TABLES
     if args.report == "daily":
-        config = query.DailyReportConfig(tables=tables, date=args.date, plot=args.plot, top=args.top)
-        query.daily_report(config)
+        config = report.DailyReportConfig(tables=tables, date=args.date, plot=args.plot, top=args.top)
+        report.daily_report(config)
     else:
-        query.trend_report(
-            query.TrendReportConfig(label=args.label, tables=tables, plot=args.plot, model=args.model)
+        report.trend_report(
+            report.TrendReportConfig(label=args.label, tables=tables, plot=args.plot, model=args.model)
         )
     return 0
 

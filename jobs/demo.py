@@ -18,7 +18,7 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs import make_corpus, query, tag, train
+from jobs import make_corpus, report, tag, train
 from jobs.config import load_config
 from jobs.runtime import console
 
@@ -53,7 +53,7 @@ class DemoResult:
     model_uri: str
     evaluation: dict[str, float]
     tag: tag.TagSummary
-    report: query.DailyReport
+    report: report.DailyReport
 
 
 def main(config: DemoConfig) -> DemoResult:
@@ -99,7 +99,7 @@ def main(config: DemoConfig) -> DemoResult:
 
     console.print("[bold]4/4[/] the morning report")
     plot = workdir / f"daily-{date}.png"
-    report = query.daily_report(query.DailyReportConfig(tables=str(tables), date=date, plot=str(plot)))
+    daily = report.daily_report(report.DailyReportConfig(tables=str(tables), date=date, plot=str(plot)))
     example = "SELECT label, count(*) AS videos FROM classifications WHERE rank = 1 GROUP BY label"
     console.print(f'ask more: reelflow query "{example}" --tables {tables}')
-    return DemoResult(workdir, trained.model_uri, dict(trained.evaluation), tagged, report)
+    return DemoResult(workdir, trained.model_uri, dict(trained.evaluation), tagged, daily)

@@ -129,6 +129,29 @@ def tables_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("s3_bucket") + "/warehouse/tables"
 
 
+class Killed(BaseException):
+    """What `cut_off_at` raises: like a killed driver, not an error the code under test may handle."""
+
+
+@pytest.fixture
+def cut_off_at(monkeypatch: pytest.MonkeyPatch):
+    """`cut_off_at(step)`: the table writer stops with `Killed` on reaching that step of its protocol
+    (`cut_off_at(None)` lets it run again)."""
+    from flows import table_writer
+
+    real = table_writer._step
+
+    def arm(step: str | None) -> None:
+        def hook(name: str) -> None:
+            real(name)
+            if name == step:
+                raise Killed(step)
+
+        monkeypatch.setattr(table_writer, "_step", hook)
+
+    return arm
+
+
 @pytest.fixture(scope="session")
 def ray_session(s3_server: str) -> Iterator[None]:
     """One local Ray instance for the whole test session (Ray takes seconds to start).

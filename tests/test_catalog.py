@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from conftest import Killed
 from deltalake import DeltaTable
 
-from flows import runs, storage, table_maintenance, table_writer, tables
+from flows import runs, storage, table_files, table_maintenance, table_writer, tables
 from jobs import cli, query
 
 D1, D2, D3 = dt.date(2024, 5, 1), dt.date(2024, 5, 2), dt.date(2024, 5, 3)
@@ -89,20 +90,13 @@ def test_as_of_reads_every_table_as_an_earlier_run_left_it(three_nights: str) ->
 
 
 def test_history_lists_every_run_with_its_chunks_rows_and_status(
-    three_nights: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    three_nights: str, capsys: pytest.CaptureFixture[str], cut_off_at
 ) -> None:
     # A fourth run dies after committing one chunk of two: interrupted.
-    real = table_writer._step
-
-    def die_after_first_chunk(name: str) -> None:
-        real(name)
-        if name == "chunk committed":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(table_writer, "_step", die_after_first_chunk)
-    with pytest.raises(KeyboardInterrupt):
+    cut_off_at("chunk committed")
+    with pytest.raises(Killed):
         commit(three_nights, "n4", dt.date(2024, 5, 4), rows_for(corpus("d")), rows_for(corpus("e")))
-    monkeypatch.undo()
+    cut_off_at(None)
 
     status, out = tables_cli(capsys, "history", three_nights, "--format", "json")
     assert status == 0
@@ -141,7 +135,7 @@ def test_optimize_and_vacuum_keep_results_and_a_pinned_reader(
     assert tables.read_table(uri, "classifications", snapshot=pinned).num_rows == 9  # pinned reader reads
 
     # Files of a run that died before committing them are vacuumed too (once older than the retention).
-    table_writer.write_files(uri, "classifications", rows_for(corpus("x"))["classifications"],
+    table_files.write_files(uri, "classifications", rows_for(corpus("x"))["classifications"],
                              job_run_id="dead", run_date=D3)  # fmt: skip
     status, out = tables_cli(capsys, "vacuum", uri)  # default: keep 7 days
     assert status == 0 and out.startswith("deleted 0 files")
@@ -168,20 +162,13 @@ def test_the_log_is_checkpointed_so_opening_stays_fast(tmp_path: Path) -> None:
 
 
 def test_check_finds_a_half_committed_chunk_and_repair_finishes_it(
-    tables_uri: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tables_uri: str, capsys: pytest.CaptureFixture[str], cut_off_at
 ) -> None:
     commit(tables_uri, "n1", D1, rows_for(corpus("a")))
-    real = table_writer._step
-
-    def die(name: str) -> None:
-        real(name)
-        if name == "committed classifications":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(table_writer, "_step", die)
-    with pytest.raises(KeyboardInterrupt):
+    cut_off_at("committed classifications")
+    with pytest.raises(Killed):
         commit(tables_uri, "n2", D2, rows_for(corpus("b")))
-    monkeypatch.undo()
+    cut_off_at(None)
     status, out = tables_cli(capsys, "check", tables_uri)
     assert status == 1 and out.strip() == "_runs: chunk 1 of run n2 is committed to some tables only"
 

@@ -13,10 +13,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import Killed
 from deltalake import DeltaTable
 
 from flows import table_writer, tables
 from jobs import query
+from jobs import report as reports
 
 D1, D2, D3 = dt.date(2024, 5, 1), dt.date(2024, 5, 2), dt.date(2024, 5, 3)
 MODEL = {"model_name": "c3d_small", "model_version": "2", "mlflow_run_id": "abc123"}
@@ -147,7 +149,7 @@ def test_missing_bucket_is_named(s3_server: str) -> None:
         query.run_sql("s3://no-such-bucket/tables", "SELECT 1")
 
 
-def test_a_reader_sees_only_complete_chunks(tables_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_reader_sees_only_complete_chunks(tables_uri: str, cut_off_at) -> None:
     old = {f"v{i}": ("cooking", 0.9, "positive") for i in range(4)}
     new = {f"v{i}": ("nature", 0.9, "positive") for i in range(4, 10)}
     tag_night(tables_uri, "n1", D1, old)
@@ -155,17 +157,10 @@ def test_a_reader_sees_only_complete_chunks(tables_uri: str, monkeypatch: pytest
     joined = "SELECT count(*) AS n FROM classifications c JOIN videos v USING (video_id) WHERE c.rank = 1"
 
     # The next night's commit is cut off after the classifications (and the tables before them) took it.
-    real = table_writer._step
-
-    def die_after_classifications(name: str) -> None:
-        real(name)
-        if name == "committed classifications":
-            raise RuntimeError("driver killed")
-
-    monkeypatch.setattr(table_writer, "_step", die_after_classifications)
-    with pytest.raises(RuntimeError, match="driver killed"):
+    cut_off_at("committed classifications")
+    with pytest.raises(Killed):
         tag_night(tables_uri, "n2", D2, new)
-    monkeypatch.undo()
+    cut_off_at(None)
     latest = DeltaTable(f"{tables_uri}/classifications", storage_options=tables.storage_options(tables_uri))
     assert latest.to_pyarrow_table().num_rows == 20  # the table alone already holds the cut-off chunk
     assert query.run_sql(tables_uri, count).to_pylist() == [{"label": "cooking", "n": 4}]
@@ -192,8 +187,8 @@ def png_pixels(path: Path) -> np.ndarray:
 
 def test_daily_report(catalog: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     plot = tmp_path / "daily.png"
-    config = query.DailyReportConfig(tables=catalog, date="2024-05-01", plot=str(plot), top=2)
-    report = query.daily_report(config)
+    config = reports.DailyReportConfig(tables=catalog, date="2024-05-01", plot=str(plot), top=2)
+    report = reports.daily_report(config)
     printed = capsys.readouterr().out
     assert "daily report — 2024-05-01" in printed and "EmptyFile" in printed and "v4" in printed
     s = {title: section.to_pylist() for title, section in report.sections.items()}
@@ -220,29 +215,29 @@ def test_daily_report(catalog: str, tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_daily_report_defaults_to_the_latest_night(catalog: str) -> None:
-    report = query.daily_report(query.DailyReportConfig(tables=catalog))
+    report = reports.daily_report(reports.DailyReportConfig(tables=catalog))
     assert report.run_date == D3
     assert report.sections["errors by type"].num_rows == 0
 
 
 def test_trend_report(catalog: str, tmp_path: Path) -> None:
     plot = tmp_path / "trend.png"
-    result = query.trend_report(query.TrendReportConfig(label="cooking", tables=catalog, plot=str(plot)))
+    result = reports.trend_report(reports.TrendReportConfig(label="cooking", tables=catalog, plot=str(plot)))
     assert [(r["run_date"], r["top1_videos"], r["top1_pct"]) for r in result.to_pylist()] == [
         (D1, 3, 50.0), (D2, 0, 0.0), (D3, 2, 100.0)
     ]  # fmt: skip
-    spins = query.trend_report(query.TrendReportConfig(label="spin", tables=catalog)).to_pylist()
+    spins = reports.trend_report(reports.TrendReportConfig(label="spin", tables=catalog)).to_pylist()
     assert [(r["action_segments"], r["action_videos"]) for r in spins] == [(2, 2), (0, 0), (1, 1)]
     assert len(np.unique(png_pixels(plot).reshape(-1, 4), axis=0)) > 20
     with pytest.raises(ValueError, match="label 'cookin' is in no table; known labels: bounce, cooking"):
-        query.trend_report(query.TrendReportConfig(label="cookin", tables=catalog))
+        reports.trend_report(reports.TrendReportConfig(label="cookin", tables=catalog))
 
 
 def test_reports_on_a_fresh_catalog_say_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"no night in .* yet; run `reelflow tag` first"):
-        query.daily_report(query.DailyReportConfig(tables=str(tmp_path)))
+        reports.daily_report(reports.DailyReportConfig(tables=str(tmp_path)))
     with pytest.raises(ValueError, match="known labels: none yet"):
-        query.trend_report(query.TrendReportConfig(label="cooking", tables=str(tmp_path)))
+        reports.trend_report(reports.TrendReportConfig(label="cooking", tables=str(tmp_path)))
 
 
 def test_a_night_filter_reads_only_that_partition(catalog: str) -> None:

@@ -11,9 +11,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from conftest import Killed
 from deltalake import DeltaTable
 
-from flows import runs, storage, table_writer, tables
+from flows import runs, storage, table_files, table_writer, tables
 from flows.lease import Lease, LeaseLost
 from flows.table_writer import TableWriter
 from flows.tables import TableError
@@ -128,13 +129,15 @@ def test_every_prediction_table_carries_the_common_columns() -> None:
 def test_bad_rows_get_a_one_line_error_naming_table_and_column(tmp_path: Path, change, column: str) -> None:
     uri = str(tmp_path)
     bad = change(night(["a", "b"])["classifications"])
-    with table_writer.writing(uri, "job-1", NIGHT) as writer, pytest.raises(TableError) as err:
+    with pytest.raises(TableError) as err, table_writer.writing(uri, "job-1", NIGHT) as writer:
         writer.write_chunk({"videos": night(["a", "b"])["videos"], "classifications": bad})
     message = str(err.value)
     assert "\n" not in message
     assert "table classifications" in message and f"'{column}'" in message
     for name in tables.TABLES:  # nothing of the chunk was committed
         assert tables.read_table(uri, name).num_rows == 0, name
+    (run,) = runs.history(runs.read_log(uri)).to_pylist()  # the run is on record as failed, and why
+    assert run["status"] == "failed" and run["message"] == f"TableError: {message}"
 
 
 def test_bad_names_are_refused_up_front(tmp_path: Path) -> None:
@@ -189,7 +192,7 @@ def test_a_committed_night_reads_back_from_every_table(tables_uri: str) -> None:
 def test_large_writes_roll_over_into_several_files(tmp_path: Path) -> None:
     uri = str(tmp_path)
     rows = night([f"v{i}" for i in range(5)])["sentiment"]
-    files = table_writer.write_files(
+    files = table_files.write_files(
         uri, "sentiment", rows, job_run_id="job-1", run_date=NIGHT, max_rows_per_file=2
     )
     assert [f.rows for f in files] == [2, 2, 1]
@@ -206,7 +209,7 @@ def test_files_written_but_not_committed_are_invisible_to_every_reader(tmp_path:
     uri = str(tmp_path)
     write_night(uri, "job-1", night(["a", "b"]))
     # A run that wrote its files and died before committing them.
-    table_writer.write_files(
+    table_files.write_files(
         uri, "classifications", night(["c"])["classifications"], job_run_id="dead", run_date=NEXT
     )
     assert rows_of(uri, "classifications", "video_id", "rank") == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
@@ -346,34 +349,23 @@ def test_a_commit_raced_by_the_new_holders_fence_is_refused_by_delta(tmp_path: P
 # --- interrupted chunks --------------------------------------------------------------------------------
 
 
-class Crash(RuntimeError):
-    pass
-
-
 STEPS = ["pending", *(f"committed {name}" for name in tables.TABLES), "chunk committed"]
 
 
 @pytest.mark.parametrize("step", STEPS)
 def test_a_chunk_cut_off_at_any_step_is_rolled_forward_exactly_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+    tmp_path: Path, cut_off_at, step: str
 ) -> None:
     uri, clean = str(tmp_path / "tables"), str(tmp_path / "clean")
     write_night(clean, "job-1", night(["a", "b"], failed=["x"]))
     write_night(clean, "job-2", night(["c"], failed=["y"]), date=NEXT)
 
     write_night(uri, "job-1", night(["a", "b"], failed=["x"]))
-    real = table_writer._step
-
-    def crash_at(name: str) -> None:
-        real(name)
-        if name == step:
-            raise Crash(step)
-
-    monkeypatch.setattr(table_writer, "_step", crash_at)
+    cut_off_at(step)
     dying = writer_holding(uri, "job-2", ttl_s=0.5, date=NEXT)
-    with pytest.raises(Crash):
+    with pytest.raises(Killed):
         dying.write_chunk(night(["c"], failed=["y"]))
-    monkeypatch.undo()
+    cut_off_at(None)
     # Readers still see the last complete chunk, whatever the cut-off chunk left in single tables.
     if step != "chunk committed":
         assert rows_of(uri, "videos", "video_id") == [("a",), ("b",), ("x",)]
