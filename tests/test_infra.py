@@ -18,6 +18,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -458,3 +459,56 @@ def test_local_stack_runs_jobs_across_two_nodes_and_leaves_the_shared_ray_alone(
         "the stack left processes behind"
     )
     assert ray.get(shared_node.remote()) == shared_before  # the session's own Ray still works
+
+
+PLACEMENT_JOB = """
+import json, ray
+ray.init()
+
+@ray.remote(num_cpus=1)
+def cpu_task():
+    return ray.get_runtime_context().get_node_id()
+
+@ray.remote(num_gpus=1, num_cpus=0)
+def gpu_task():
+    return ray.get_runtime_context().get_node_id()
+
+nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+print("PLACEMENT " + json.dumps({"nodes": nodes, "cpu": ray.get([cpu_task.remote() for _ in range(8)]),
+                                 "gpu": ray.get(gpu_task.remote())}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(MISSING_DASHBOARD), reason=f"needs ray[default], missing {MISSING_DASHBOARD}")
+def test_cluster_sh_models_a_head_with_no_cpus_and_a_node_declaring_a_gpu(ray_session: None) -> None:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    root = tempfile.mkdtemp(prefix="rf-ray-")  # short: Ray's socket paths live below it
+    env = {**os.environ, "REELFLOW_STACK_DIR": root, "PYTHON": sys.executable}
+    script = str(INFRA / "local" / "cluster.sh")
+    up = subprocess.run([script, "up", "3", "--head-cpus", "0", "--gpus-on-node", "2"], env=env,
+                        capture_output=True, text=True, timeout=180)  # fmt: skip
+    try:
+        assert up.returncode == 0, up.stderr
+        exports = dict(line[len("export ") :].split("=", 1) for line in up.stdout.splitlines()
+                       if line.startswith("export "))  # fmt: skip
+        assert set(exports) == {"RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"}
+        token = Path(exports["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+        client = JobSubmissionClient(exports["RAY_ADDRESS"], headers={"Authorization": f"Bearer {token}"})
+        job = client.submit_job(entrypoint=f"python -c {shlex.quote(PLACEMENT_JOB)}")
+        status = wait_for_job(client, job)
+        logs = client.get_job_logs(job)
+        assert status == JobStatus.SUCCEEDED, logs
+        (placed,) = [json.loads(line[len("PLACEMENT ") :]) for line in logs.splitlines()
+                     if line.startswith("PLACEMENT ")]  # fmt: skip
+        cpus = {node: resources.get("CPU", 0) for node, resources in placed["nodes"].items()}
+        assert sorted(cpus.values()) == [0, 1, 1]  # a head with no CPU and two workers
+        head = next(node for node, n in cpus.items() if n == 0)
+        assert set(placed["cpu"]) <= {node for node, n in cpus.items() if n > 0}  # never on the head
+        (gpu_node,) = [node for node, resources in placed["nodes"].items() if resources.get("GPU")]
+        assert placed["gpu"] == gpu_node != head
+    finally:
+        down = subprocess.run([script, "down"], env=env, capture_output=True, text=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
+    assert down.returncode == 0 and down.stdout.startswith("stopped "), down.stderr

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # A local multi-node Ray cluster on this machine, for tests and for trying the Jobs API:
 #
-#   infra/local/cluster.sh up [N]    # head (dashboard on 127.0.0.1) + N-1 workers, 1 CPU each; prints RAY_ADDRESS
+#   infra/local/cluster.sh up [N] [--head-cpus 0] [--cpus C] [--gpus-on-node K]
+#                                    # head (dashboard on 127.0.0.1) + N-1 workers, C CPUs each (default 1);
+#                                    # a 0-CPU head runs no task, as in production; node K declares a GPU;
+#                                    # prints `export RAY_ADDRESS=…` and the auth variables
 #   infra/local/cluster.sh status
 #   infra/local/cluster.sh down      # stops exactly the processes `up` started, nothing else
 #
@@ -22,10 +25,13 @@ else
 fi
 
 case "${1:-}" in
-    up) exec "$python" "$here/stack.py" up "${2:-2}" ;;
+    up)
+        shift
+        exec "$python" "$here/stack.py" up "$@"
+        ;;
     status | down) exec "$python" "$here/stack.py" "$1" ;;
     *)
-        echo "usage: $0 up [N] | status | down" >&2
+        echo "usage: $0 up [N] [--head-cpus H] [--cpus C] [--gpus-on-node K] | status | down" >&2
         exit 2
         ;;
 esac

@@ -21,7 +21,8 @@ process, then only the processes of its session.
 
 Command line (what `infra/local/cluster.sh` runs):
 
-    python infra/local/stack.py up 2 [--root DIR]   # prints RAY_ADDRESS=… and the GCS address
+    python infra/local/stack.py up 3 [--head-cpus 0] [--cpus C] [--gpus-on-node K] [--root DIR]
+                                                    # prints RAY_ADDRESS=… and the GCS address
     python infra/local/stack.py status [--root DIR]
     python infra/local/stack.py down [--root DIR]
 """
@@ -210,10 +211,22 @@ def start_stack(
     object_store_bytes: int = DEFAULT_OBJECT_STORE_BYTES,
     python: str = sys.executable,
     timeout_s: float = 90.0,
+    head_cpus: int | None = None,
+    gpu_nodes: Sequence[int] = (),
 ) -> StackState:
-    """Start a head plus `nodes - 1` workers under `root`, wait until all are ALIVE, record the state."""
+    """Start a head plus `nodes - 1` workers under `root`, wait until all are ALIVE, record the state.
+
+    The head advertises `head_cpus` CPUs (default `cpus_per_node`; 0 models a production head that runs
+    no tasks). Each node index in `gpu_nodes` (0 is the head) advertises one GPU: Ray schedules GPU
+    requests there, though nothing here has a GPU (placement tests only).
+    """
     if nodes < 1:
         raise ValueError(f"nodes: need at least 1 (the head), got {nodes}")
+    head_cpus = cpus_per_node if head_cpus is None else head_cpus
+    if cpus_per_node < 0 or head_cpus < 0:
+        raise ValueError(f"cpus: need >= 0 per node, got {cpus_per_node} (head {head_cpus})")
+    if any(not 0 <= i < nodes for i in gpu_nodes):
+        raise ValueError(f"gpu_nodes: indexes go from 0 (the head) to {nodes - 1}, got {list(gpu_nodes)}")
     if python == sys.executable and (missing := missing_dashboard_packages()):
         raise RuntimeError(f"the head's dashboard needs ray[default]; missing: {', '.join(missing)}")
     root = Path(root).resolve()
@@ -230,21 +243,24 @@ def start_stack(
     _new_token(token_path)
     headers = {"Authorization": f"Bearer {token_path.read_text()}"}
     dashboard_url = f"http://127.0.0.1:{(dashboard_port := free_port())}"
-    common = ["--num-cpus", str(cpus_per_node), "--num-gpus", "0",
-              "--object-store-memory", str(object_store_bytes)]  # fmt: skip
+    def resources(index: int) -> list[str]:
+        cpus = head_cpus if index == 0 else cpus_per_node
+        return ["--num-cpus", str(cpus), "--num-gpus", "1" if index in gpu_nodes else "0",
+                "--object-store-memory", str(object_store_bytes)]  # fmt: skip
+
     head = ["--head", "--port", str(free_port()), "--ray-client-server-port", str(free_port()),
             "--include-dashboard=true", "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(dashboard_port)]  # fmt: skip
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(_start_node([*head, *common, *_node_ports()], python, root / "node-0"))
+        procs.append(_start_node([*head, *resources(0), *_node_ports()], python, root / "node-0"))
         # `ray start` writes this file last, once the head is up. Ray advertises the machine's own IP
         # rather than the loopback one (see infra/README.md), so the file is the truth.
         address_file = root / "node-0" / "ray_current_cluster"
         _wait("the head started", address_file.exists, procs, timeout_s)
         gcs_address = address_file.read_text().strip()
         for i in range(1, nodes):
-            worker = ["--address", gcs_address, *common, *_node_ports()]
+            worker = ["--address", gcs_address, *resources(i), *_node_ports()]
             procs.append(_start_node(worker, python, root / f"node-{i}"))
         all_alive = lambda: alive_nodes(dashboard_url, headers) >= nodes  # noqa: E731
         _wait(f"{nodes} nodes were alive", all_alive, procs, timeout_s)
@@ -303,10 +319,13 @@ class LocalRayStack:
         root: Path | str | None = None,
         python: str = sys.executable,
         timeout_s: float = 90.0,
+        head_cpus: int | None = None,
+        gpu_nodes: Sequence[int] = (),
     ) -> None:
         if nodes < 1:
             raise ValueError(f"nodes: need at least 1 (the head), got {nodes}")
         self.nodes, self.cpus_per_node, self.python, self.timeout_s = nodes, cpus_per_node, python, timeout_s
+        self.head_cpus, self.gpu_nodes = head_cpus, tuple(gpu_nodes)
         self._root = Path(root) if root is not None else None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.state: StackState | None = None
@@ -322,8 +341,9 @@ class LocalRayStack:
 
     def __enter__(self) -> StackAddress:
         self.state = start_stack(
-            self.nodes, self.root, self.cpus_per_node, python=self.python, timeout_s=self.timeout_s
-        )
+            self.nodes, self.root, self.cpus_per_node, python=self.python, timeout_s=self.timeout_s,
+            head_cpus=self.head_cpus, gpu_nodes=self.gpu_nodes,
+        )  # fmt: skip
         return StackAddress(self.state.gcs_address, self.state.dashboard_url)
 
     def auth_headers(self) -> dict[str, str]:
@@ -355,13 +375,20 @@ def _main(argv: Sequence[str] | None = None) -> int:
     up = sub.add_parser("up", help="start a head and N-1 worker nodes")
     up.add_argument("nodes", type=int, nargs="?", default=2)
     up.add_argument("--cpus", type=int, default=1, help="CPUs each node advertises")
+    up.add_argument("--head-cpus", type=int, help="CPUs of the head (default --cpus; 0: it runs no task)")
+    up.add_argument(
+        "--gpus-on-node", type=int, action="append", default=[], metavar="K",
+        help="node K (0 is the head) advertises one GPU, for placement tests; repeatable",
+    )  # fmt: skip
     sub.add_parser("status", help="show the recorded stack and its live nodes")
     sub.add_parser("down", help="stop the recorded stack's processes, and nothing else")
     args = parser.parse_args(argv)
 
     try:
         if args.command == "up":
-            state = start_stack(args.nodes, args.root, args.cpus)
+            state = start_stack(
+                args.nodes, args.root, args.cpus, head_cpus=args.head_cpus, gpu_nodes=args.gpus_on_node
+            )
             print(f"export RAY_ADDRESS={state.dashboard_url}")
             for key, value in state.client_env().items():
                 print(f"export {key}={value}")
