@@ -384,7 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, PermissionError) as err:
-        print(f"reelflow {args.command}: error: {err}", file=sys.stderr)
+        from flows.storage import redact
+
+        print(f"reelflow {args.command}: error: {redact(str(err))}", file=sys.stderr)  # never a secret
         return 2
 
 

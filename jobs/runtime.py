@@ -14,19 +14,20 @@ console = Console(stderr=True)
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
     """Connect to the Ray cluster named by `address` / RAY_ADDRESS, or start a local one.
 
-    Workers inherit the object-store settings (AWS_*), so a local run against S3 or MinIO needs no
-    extra runtime_env; on a cluster those come from the cluster's own environment.
+    The job's runtime environment is taken as it is: S3 and MLflow settings reach the workers from the
+    cluster's own environment (an IAM role, the pods' env) or from the job's runtime_env (`ray job submit
+    --runtime-env-json`), never from a copy made here. Ray shows a runtime_env on the dashboard and in job
+    info, and refuses to merge one that repeats the job's keys. A local Ray started here runs its workers
+    in this process's environment.
     """
     import ray
 
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k.startswith("MLFLOW_")}
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": False}
     if address:
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     logging.getLogger("ray").setLevel(logging.WARNING)
     return ray

@@ -512,3 +512,33 @@ def test_cluster_sh_models_a_head_with_no_cpus_and_a_node_declaring_a_gpu(ray_se
         down = subprocess.run([script, "down"], env=env, capture_output=True, text=True, timeout=120)
         shutil.rmtree(root, ignore_errors=True)
     assert down.returncode == 0 and down.stdout.startswith("stopped "), down.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(MISSING_DASHBOARD), reason=f"needs ray[default], missing {MISSING_DASHBOARD}")
+def test_a_job_submitted_with_its_s3_settings_runs_and_no_secret_reaches_job_info(
+    ray_session: None, s3_bucket: str, shared_videos: Path
+) -> None:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from flows import storage
+
+    storage.put_file(str(shared_videos / "mmaction2" / "test.mp4"), f"{s3_bucket}/corpus/test.mp4")
+    # The standard way: the job names its store in its own runtime_env; credentials come from the nodes'
+    # environment (here inherited from this process, on a cluster an IAM role).
+    settings = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    runtime_env = yaml.safe_load((INFRA / "schedule" / "runtime-env.yaml").read_text())
+    local = stack.LocalRayStack(nodes=2, head_cpus=0)
+    with local as (_gcs_address, dashboard_url):
+        client = JobSubmissionClient(dashboard_url, headers=local.auth_headers())
+        command = f"reelflow clips {s3_bucket}/corpus --out {s3_bucket}/out --clips-per-video 1 --size 32"
+        job = client.submit_job(
+            entrypoint=command, runtime_env={**runtime_env, "working_dir": str(REPO), "env_vars": settings}
+        )
+        status = wait_for_job(client, job, timeout_s=240)
+        logs = client.get_job_logs(job)
+        info = repr(client.get_job_info(job))
+    assert status == JobStatus.SUCCEEDED, logs
+    assert secret not in logs and secret not in info
+    assert storage.list_files(f"{s3_bucket}/out/clips", suffix=".parquet")
