@@ -37,9 +37,13 @@ _EPOCH_FILE = re.compile(r"epoch-(\d{10})\.json")
 class LeaseHeld(RuntimeError):
     """The lease stayed held by a live run for longer than the caller would wait."""
 
+    temporary = True  # a later run will do the work: the command exits 75 (EX_TEMPFAIL)
+
 
 class LeaseLost(RuntimeError):
     """This run's lease was taken over (it was paused or cut off past its TTL); it must not commit."""
+
+    temporary = True
 
 
 @dataclass(frozen=True)

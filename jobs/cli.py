@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 Command = Callable[[argparse.Namespace], int]
-EXIT_TEMPORARY = 75  # sysexits' EX_TEMPFAIL: try again later (the tables' lease was held or lost)
+EXIT_TEMPORARY = 75  # sysexits' EX_TEMPFAIL: try again later (an error with `temporary = True`)
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -172,7 +172,6 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _tag(args: argparse.Namespace) -> int:
-    from flows.lease import LeaseHeld, LeaseLost
     from flows.predict import PredictConfig
     from jobs import tag
 
@@ -191,18 +190,11 @@ def _tag(args: argparse.Namespace) -> int:
         lease_wait_s=args.lease_wait,
         **lease,
     )
-    try:
-        summary = tag.main(config)
-    except (LeaseHeld, LeaseLost) as err:
-        # Temporary: the run holding the tables (or the one that took them over) finishes the work, and
-        # the next run continues from what is committed.
-        print(f"reelflow tag: {err}", file=sys.stderr)
-        return EXIT_TEMPORARY
+    summary = tag.main(config)
     return 1 if summary.failed and args.strict else 0
 
 
 def _tables(args: argparse.Namespace) -> int:
-    from flows.lease import LeaseHeld, LeaseLost
     from jobs import catalog
 
     config = catalog.CatalogConfig(
@@ -214,11 +206,7 @@ def _tables(args: argparse.Namespace) -> int:
         uri_pattern=getattr(args, "uri_pattern", None),
         format=getattr(args, "format", "table"),
     )
-    try:
-        return catalog.main(config)
-    except (LeaseHeld, LeaseLost) as err:
-        print(f"reelflow tables {args.operation}: {err}", file=sys.stderr)
-        return EXIT_TEMPORARY
+    return catalog.main(config)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -388,6 +376,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"reelflow {args.command}: error: {redact(str(err))}", file=sys.stderr)  # never a secret
         return 2
+    except RuntimeError as err:
+        if not getattr(err, "temporary", False):
+            raise
+        # The tables' lease was held, or lost: the run holding them (or the one that took them over)
+        # finishes the work, and the next run continues from what is committed.
+        print(f"reelflow {args.command}: {err}", file=sys.stderr)
+        return EXIT_TEMPORARY
 
 
 if __name__ == "__main__":
