@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -316,3 +318,24 @@ def tagging_model(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) 
     model_uri = tracking.log_model(model, model.spec, "tagger", "candidate", run_id=run_id, tracking_uri=uri)
     tracking.finish_run(run_id, tracking_uri=uri)
     return model_uri, uri
+
+
+def load_module(path: Path) -> ModuleType:
+    """A Python file that is not in a package (infra/local/stack.py) imported as a module."""
+    spec = importlib.util.spec_from_file_location(f"infra_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def wait_for_job(client, job_id: str, timeout_s: float = 120.0) -> str:
+    """Until a Ray job submitted through `client` ends; returns its status."""
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout_s
+    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                            JobStatus.STOPPED}:  # fmt: skip
+        assert time.monotonic() < deadline, f"job {job_id} still {status} after {timeout_s} s"
+        time.sleep(1)
+    return status

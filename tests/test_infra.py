@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import fcntl
-import importlib.util
 import json
 import os
 import re
@@ -18,15 +17,13 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import yaml
+from conftest import load_module, wait_for_job
 
 from jobs.cli import build_parser
 
@@ -50,14 +47,6 @@ SAMPLE_ENV = {
     "RAY_ADDRESS": "http://127.0.0.1:8265",
 }
 SECRET_ENV = re.compile(r"(SECRET|TOKEN|PASSWORD|ACCESS_KEY|SESSION_KEY)", re.IGNORECASE)
-
-
-def load_module(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"infra_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def k8s_documents() -> dict[str, list[dict]]:
@@ -380,17 +369,6 @@ def test_nightly_wrapper_does_not_overlap_a_running_night(tmp_path: Path) -> Non
 # --- the local multi-node stack ----------------------------------------------------------------------
 
 
-def wait_for_job(client, job_id: str, timeout_s: float = 120.0) -> str:
-    from ray.job_submission import JobStatus
-
-    deadline = time.monotonic() + timeout_s
-    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                            JobStatus.STOPPED}:  # fmt: skip
-        assert time.monotonic() < deadline, f"job {job_id} still {status} after {timeout_s} s"
-        time.sleep(1)
-    return status
-
-
 stack = load_module(INFRA / "local" / "stack.py")
 MISSING_DASHBOARD = stack.missing_dashboard_packages()
 
@@ -459,86 +437,3 @@ def test_local_stack_runs_jobs_across_two_nodes_and_leaves_the_shared_ray_alone(
         "the stack left processes behind"
     )
     assert ray.get(shared_node.remote()) == shared_before  # the session's own Ray still works
-
-
-PLACEMENT_JOB = """
-import json, ray
-ray.init()
-
-@ray.remote(num_cpus=1)
-def cpu_task():
-    return ray.get_runtime_context().get_node_id()
-
-@ray.remote(num_gpus=1, num_cpus=0)
-def gpu_task():
-    return ray.get_runtime_context().get_node_id()
-
-nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-print("PLACEMENT " + json.dumps({"nodes": nodes, "cpu": ray.get([cpu_task.remote() for _ in range(8)]),
-                                 "gpu": ray.get(gpu_task.remote())}))
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(bool(MISSING_DASHBOARD), reason=f"needs ray[default], missing {MISSING_DASHBOARD}")
-def test_cluster_sh_models_a_head_with_no_cpus_and_a_node_declaring_a_gpu(ray_session: None) -> None:
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    root = tempfile.mkdtemp(prefix="rf-ray-")  # short: Ray's socket paths live below it
-    env = {**os.environ, "REELFLOW_STACK_DIR": root, "PYTHON": sys.executable}
-    script = str(INFRA / "local" / "cluster.sh")
-    up = subprocess.run([script, "up", "3", "--head-cpus", "0", "--gpus-on-node", "2"], env=env,
-                        capture_output=True, text=True, timeout=180)  # fmt: skip
-    try:
-        assert up.returncode == 0, up.stderr
-        exports = dict(line[len("export ") :].split("=", 1) for line in up.stdout.splitlines()
-                       if line.startswith("export "))  # fmt: skip
-        assert set(exports) == {"RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"}
-        token = Path(exports["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
-        client = JobSubmissionClient(exports["RAY_ADDRESS"], headers={"Authorization": f"Bearer {token}"})
-        job = client.submit_job(entrypoint=f"python -c {shlex.quote(PLACEMENT_JOB)}")
-        status = wait_for_job(client, job)
-        logs = client.get_job_logs(job)
-        assert status == JobStatus.SUCCEEDED, logs
-        (placed,) = [json.loads(line[len("PLACEMENT ") :]) for line in logs.splitlines()
-                     if line.startswith("PLACEMENT ")]  # fmt: skip
-        cpus = {node: resources.get("CPU", 0) for node, resources in placed["nodes"].items()}
-        assert sorted(cpus.values()) == [0, 1, 1]  # a head with no CPU and two workers
-        head = next(node for node, n in cpus.items() if n == 0)
-        assert set(placed["cpu"]) <= {node for node, n in cpus.items() if n > 0}  # never on the head
-        (gpu_node,) = [node for node, resources in placed["nodes"].items() if resources.get("GPU")]
-        assert placed["gpu"] == gpu_node != head
-    finally:
-        down = subprocess.run([script, "down"], env=env, capture_output=True, text=True, timeout=120)
-        shutil.rmtree(root, ignore_errors=True)
-    assert down.returncode == 0 and down.stdout.startswith("stopped "), down.stderr
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(bool(MISSING_DASHBOARD), reason=f"needs ray[default], missing {MISSING_DASHBOARD}")
-def test_a_job_submitted_with_its_s3_settings_runs_and_no_secret_reaches_job_info(
-    ray_session: None, s3_bucket: str, shared_videos: Path
-) -> None:
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    from flows import storage
-
-    storage.put_file(str(shared_videos / "mmaction2" / "test.mp4"), f"{s3_bucket}/corpus/test.mp4")
-    # The standard way: the job names its store in its own runtime_env; credentials come from the nodes'
-    # environment (here inherited from this process, on a cluster an IAM role).
-    settings = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
-    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
-    runtime_env = yaml.safe_load((INFRA / "schedule" / "runtime-env.yaml").read_text())
-    local = stack.LocalRayStack(nodes=2, head_cpus=0)
-    with local as (_gcs_address, dashboard_url):
-        client = JobSubmissionClient(dashboard_url, headers=local.auth_headers())
-        command = f"reelflow clips {s3_bucket}/corpus --out {s3_bucket}/out --clips-per-video 1 --size 32"
-        job = client.submit_job(
-            entrypoint=command, runtime_env={**runtime_env, "working_dir": str(REPO), "env_vars": settings}
-        )
-        status = wait_for_job(client, job, timeout_s=240)
-        logs = client.get_job_logs(job)
-        info = repr(client.get_job_info(job))
-    assert status == JobStatus.SUCCEEDED, logs
-    assert secret not in logs and secret not in info
-    assert storage.list_files(f"{s3_bucket}/out/clips", suffix=".parquet")
