@@ -207,15 +207,9 @@ class TableWriter:
     def fenced(self, name: str, operation: str, action: Callable[[DeltaTable, Any], T]) -> T:
         """Run a deltalake operation that commits (optimize, vacuum, repair) on table `name` (or `_runs`)
         as this run's: `action(table, commit_properties)` must pass the properties to its commit."""
-        from deltalake import CommitProperties, Transaction
-
         self.lease.check()
         uri = tables.table_uri(self.tables_uri, name)
-        properties = CommitProperties(
-            app_transactions=[Transaction(APP_ID, self._token())],
-            custom_metadata={"reelflow.run": self.job_run_id, "reelflow.epoch": self.epoch,
-                             "reelflow.operation": operation},
-        )  # fmt: skip
+        properties = self._properties(self._token(), operation)
         table = self._latest(name)
         self._check_fence(table, uri)
         with tables.delta_errors(uri):
@@ -239,7 +233,8 @@ class TableWriter:
         return token
 
     def _ensure(self, name: str) -> None:
-        """Create the table when absent; add the columns of the current schema that it lacks."""
+        """Create the table when absent; add the columns of the current schema that it lacks. The handle
+        stays open for the writer's commits (`_latest`)."""
         from deltalake import DeltaTable
         from deltalake import Field as DeltaField
 
@@ -249,29 +244,36 @@ class TableWriter:
         with tables.delta_errors(uri):
             if table is None:
                 partition = None if name == tables.RUNS else [tables.PARTITION]
-                DeltaTable.create(uri, target, mode="ignore", partition_by=partition,
-                                  configuration=tables.TABLE_CONFIGURATION,
-                                  storage_options=tables.storage_options(uri))  # fmt: skip
+                self._handles[name] = DeltaTable.create(
+                    uri, target, mode="ignore", partition_by=partition,
+                    configuration=tables.TABLE_CONFIGURATION, storage_options=tables.storage_options(uri),
+                )  # fmt: skip
                 return
+            self._handles[name] = table
             present = set(pa.schema(table.schema()).names)
             missing = [f.with_nullable(True) for f in target if f.name not in present]
             if missing:
                 table.alter.add_columns([DeltaField.from_arrow(f) for f in missing])
 
+    def _properties(self, token: int, operation: str) -> Any:
+        """A commit's properties: the fencing token as an app transaction, and who committed what."""
+        from deltalake import CommitProperties, Transaction
+
+        return CommitProperties(
+            app_transactions=[Transaction(APP_ID, token)],
+            custom_metadata={"reelflow.run": self.job_run_id, "reelflow.epoch": self.epoch,
+                             "reelflow.operation": operation},
+        )  # fmt: skip
+
     def _commit(self, name: str, change: TableChange, token: int, *, operation: str) -> int:
         """Commit one table's change with the fencing token; returns the table's version holding it."""
-        from deltalake import CommitProperties, Transaction
         from deltalake.exceptions import CommitFailedError
 
         uri = tables.table_uri(self.tables_uri, name)
         schema = runs.SCHEMA if name == tables.RUNS else tables.schema(name)
         partition = [] if name == tables.RUNS else [tables.PARTITION]
         actions = [f.add_action() for f in change.adds] + [f.remove_action() for f in change.removes]
-        properties = CommitProperties(
-            app_transactions=[Transaction(APP_ID, token)],
-            custom_metadata={"reelflow.run": self.job_run_id, "reelflow.epoch": self.epoch,
-                             "reelflow.operation": operation},
-        )  # fmt: skip
+        properties = self._properties(token, operation)
         for _ in range(COMMIT_ATTEMPTS):
             table = self._latest(name)
             self._check_fence(table, uri)
