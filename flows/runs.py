@@ -17,8 +17,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flows import tables
+from flows import storage
+from flows.delta import TIMESTAMP, delta_errors, open_delta
 
+FOLDER = "_runs"  # under the tables location
 PENDING, COMMITTED, FINISHED, FAILED = "pending", "committed", "finished", "failed"
 STATUSES = (PENDING, COMMITTED, FINISHED, FAILED)
 _VERSIONS = pa.map_(pa.string(), pa.int64())
@@ -39,8 +41,8 @@ SCHEMA = pa.schema([
     pa.field("message", pa.string()),
     pa.field("host", pa.string()),
     pa.field("pid", pa.int64()),
-    pa.field("started_at", tables.TIMESTAMP),  # when the run began
-    pa.field("at", tables.TIMESTAMP, nullable=False),  # when this row was written
+    pa.field("started_at", TIMESTAMP),  # when the run began
+    pa.field("at", TIMESTAMP, nullable=False),  # when this row was written
 ])  # fmt: skip
 
 
@@ -84,10 +86,11 @@ def row(
 
 def read_log(tables_uri: str, version: int | None = None) -> pa.Table | None:
     """The whole run log (it holds a few rows per chunk), or None where no run has written one."""
-    table = tables.open_table(tables_uri, tables.RUNS, version)
+    uri = storage.join_uri(tables_uri, FOLDER)
+    table = open_delta(uri, version)
     if table is None:
         return None
-    with tables.delta_errors(tables.table_uri(tables_uri, tables.RUNS)):
+    with delta_errors(uri):
         return table.to_pyarrow_dataset(schema=SCHEMA).to_table()
 
 
@@ -145,43 +148,3 @@ def pending_chunks(log: pa.Table) -> list[PendingChunk]:
         PendingChunk(e["run_id"], e["chunk"], e["night"], tuple(e["models"] or ()), json.loads(e["actions"]))
         for e in pending
     ]
-
-
-HISTORY_SCHEMA = pa.schema([
-    pa.field("run_id", pa.string()), pa.field("night", pa.date32()), pa.field("models", pa.string()),
-    pa.field("chunks", pa.int64()), *(pa.field(f"rows_{name}", pa.int64()) for name in tables.TABLES),
-    pa.field("started_at", tables.TIMESTAMP), pa.field("ended_at", tables.TIMESTAMP),
-    pa.field("status", pa.string()), pa.field("message", pa.string()),
-])  # fmt: skip
-
-
-def history(log: pa.Table, running: str | None = None) -> pa.Table:
-    """One row per run in the order runs began committing: its night, models, complete chunks, rows added
-    per table, start, end and status (`finished`, `failed`, `running` for the run named by `running`, which
-    holds the lease, else `interrupted`)."""
-    by_run: dict[str, list[dict[str, Any]]] = {}
-    for entry in sorted(log.drop_columns(["actions"]).to_pylist(), key=lambda e: (e["token"], e["at"])):
-        by_run.setdefault(entry["run_id"], []).append(entry)
-    out = []
-    for run_id, entries in by_run.items():
-        chunks = [e for e in entries if e["status"] == COMMITTED and e["chunk"] > 0]
-        ends = [e for e in entries if e["status"] in (FINISHED, FAILED)]
-        added: dict[str, int] = {}
-        for chunk in chunks:
-            for name, n in chunk["rows"] or ():
-                added[name] = added.get(name, 0) + n
-        if ends:
-            status, message, ended = ends[-1]["status"], ends[-1]["message"], ends[-1]["at"]
-        else:
-            status, ended = ("running" if run_id == running else "interrupted"), None
-            helpers = sorted({e["recovered_by"] for e in chunks if e["recovered_by"]})
-            message = f"chunks finished by {', '.join(helpers)}" if helpers else None
-        starts = [e["started_at"] for e in entries if e["started_at"] is not None]
-        out.append({
-            "run_id": run_id, "night": entries[0]["night"], "models": ", ".join(entries[0]["models"] or ()),
-            "chunks": len({e["chunk"] for e in chunks}),
-            **{f"rows_{name}": added.get(name, 0) for name in tables.TABLES},
-            "started_at": min(starts) if starts else None, "ended_at": ended, "status": status,
-            "message": message,
-        })  # fmt: skip
-    return pa.Table.from_pylist(out, schema=HISTORY_SCHEMA)

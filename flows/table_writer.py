@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows import runs, storage, tables
+from flows import delta, runs, storage, tables
 from flows.lease import DEFAULT_TTL_S, Lease, LeaseLost
 from flows.table_files import (
     DataFile,
@@ -212,7 +212,7 @@ class TableWriter:
         properties = self._properties(self._token(), operation)
         table = self._latest(name)
         self._check_fence(table, uri)
-        with tables.delta_errors(uri):
+        with delta.delta_errors(uri):
             result = action(table, properties)
         self._check_fence(self._latest(name), uri)
         return result
@@ -241,12 +241,12 @@ class TableWriter:
         target = runs.SCHEMA if name == tables.RUNS else tables.schema(name)
         uri = tables.table_uri(self.tables_uri, name)
         table = tables.open_table(self.tables_uri, name)
-        with tables.delta_errors(uri):
+        with delta.delta_errors(uri):
             if table is None:
                 partition = None if name == tables.RUNS else [tables.PARTITION]
                 self._handles[name] = DeltaTable.create(
                     uri, target, mode="ignore", partition_by=partition,
-                    configuration=tables.TABLE_CONFIGURATION, storage_options=tables.storage_options(uri),
+                    configuration=tables.TABLE_CONFIGURATION, storage_options=delta.storage_options(uri),
                 )  # fmt: skip
                 return
             self._handles[name] = table
@@ -280,7 +280,7 @@ class TableWriter:
             if (change.adds or change.removes) and _holds(table, change):
                 return table.version()  # a retried chunk: this table has it already
             try:
-                with tables.delta_errors(uri):
+                with delta.delta_errors(uri):
                     table.create_write_transaction(actions, "append", schema, partition,
                                                    commit_properties=properties)  # fmt: skip
             except CommitFailedError as err:
@@ -303,7 +303,7 @@ class TableWriter:
         """Table `name` at its latest version: opened once, then brought up to date from new log entries."""
         table = self._handles.get(name)
         if table is not None:
-            with tables.delta_errors(tables.table_uri(self.tables_uri, name)):
+            with delta.delta_errors(tables.table_uri(self.tables_uri, name)):
                 table.update_incremental()
             return table
         table = tables.open_table(self.tables_uri, name)

@@ -21,11 +21,8 @@ Guarantees (how they are kept: flows.table_writer, flows.lease):
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import os
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,14 +30,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from flows import storage
+from flows import runs, storage
+from flows.delta import TIMESTAMP, delta_errors, open_delta
 
 if TYPE_CHECKING:
     from deltalake import DeltaTable
 
 PARTITION = "run_date"
-RUNS = "_runs"
-LEASE = "_lease"
+RUNS = runs.FOLDER
 
 # --- schemas ------------------------------------------------------------------------------------------
 
@@ -53,7 +50,6 @@ def _optional(name: str, type_: pa.DataType) -> pa.Field:
     return pa.field(name, type_, nullable=True)
 
 
-TIMESTAMP = pa.timestamp("us", tz="UTC")
 _RUN = [_required("job_run_id", pa.string()), _required(PARTITION, pa.date32())]
 _PREDICTION = [
     _required("video_id", pa.string()), _required("uri", pa.string()), _required("model_name", pa.string()),
@@ -228,72 +224,9 @@ def check_location(tables_uri: str, *, must_exist: bool) -> None:
         raise FileNotFoundError(f"tables {tables_uri}: no such folder")
 
 
-def storage_options(uri: str) -> dict[str, str]:
-    """deltalake's options for a URI. Credentials are not among them: delta-rs reads the AWS chain itself.
-
-    Commits on S3 need an atomic put-if-absent: S3's conditional writes (`AWS_CONDITIONAL_PUT=etag`, also
-    what MinIO and moto honour) unless the environment names another mechanism (a DynamoDB lock provider).
-    """
-    if not storage.is_s3(uri):
-        return {}
-    options: dict[str, str] = {}
-    if "AWS_CONDITIONAL_PUT" not in os.environ and "AWS_S3_LOCKING_PROVIDER" not in os.environ:
-        options["AWS_CONDITIONAL_PUT"] = "etag"
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-    if endpoint.startswith("http://"):
-        options["AWS_ALLOW_HTTP"] = "true"
-    if endpoint and "AWS_ENDPOINT_URL" not in os.environ:
-        options["AWS_ENDPOINT_URL"] = endpoint
-    return options
-
-
 def open_table(tables_uri: str, name: str, version: int | None = None) -> DeltaTable | None:
     """Table `name` (or `_runs`) as a deltalake DeltaTable at `version` (latest when None); None if absent."""
-    from deltalake import DeltaTable
-    from deltalake.exceptions import TableNotFoundError
-
-    uri = table_uri(tables_uri, name)
-    with delta_errors(uri):
-        try:
-            return DeltaTable(uri, version=version, storage_options=storage_options(uri))
-        except TableNotFoundError:
-            return None
-
-
-@contextlib.contextmanager
-def delta_errors(uri: str) -> Iterator[None]:
-    """Turn deltalake's errors into one line naming the table (credentials never appear in them)."""
-    from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
-
-    try:
-        yield
-    except (TableNotFoundError, CommitFailedError):
-        raise
-    except (DeltaError, OSError) as err:
-        if getattr(err, "_reelflow_storage", False):
-            raise
-        text = " ".join(_ANSI.sub("", str(err)).replace("↳", ";").split())
-        lowered = text.lower().replace(" ", "")
-        if any(word in lowered for word in _DENIED):
-            new: Exception = PermissionError(
-                f"{uri}: access denied to bucket {storage.bucket_of(uri)}; "
-                "check the AWS credentials in the environment, profile or role"
-            )
-        elif "nosuchbucket" in lowered or ("bucket" in lowered and "notexist" in lowered):
-            new = FileNotFoundError(f"{uri}: no such bucket")
-        else:
-            new = OSError(f"{uri}: {type(err).__name__}: {_short(text)}")
-        new._reelflow_storage = True  # type: ignore[attr-defined]
-        raise new from None
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_DENIED = ("privileges", "permission", "forbidden", "accessdenied", "accesskey", "credential")
-
-
-def _short(text: str, limit: int = 300) -> str:
-    text = storage.redact(text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return open_delta(table_uri(tables_uri, name), version)
 
 
 def check_format(tables_uri: str) -> None:
@@ -330,8 +263,6 @@ def read_snapshot(tables_uri: str, as_of: str | dt.date | None = None) -> Snapsh
     `as_of` is a run id (the state when that run's last chunk committed) or a date (the last run, in
     completion order, whose night is on or before it).
     """
-    from flows import runs
-
     root = root_uri(tables_uri)
     log = runs.read_log(root)
     if log is None:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import pyarrow as pa
 
-from flows import lease, runs, table_maintenance, table_migration, tables
+from flows import delta, lease, runs, table_maintenance, table_migration, tables
 from jobs import query
 
 Operation = Literal["history", "check", "repair", "optimize", "vacuum", "purge", "migrate"]
@@ -96,16 +96,56 @@ def main(config: CatalogConfig) -> int:
 
 
 def history(tables_uri: str) -> pa.Table:
-    """The runs of the tables, oldest first (see flows.runs.history)."""
+    """The runs of the tables, oldest first (see `run_history`)."""
     root = tables.root_uri(tables_uri)
     tables.check_location(root, must_exist=True)
     log_table = runs.read_log(root)
     if log_table is None:
         tables.check_format(root)
-        return runs.HISTORY_SCHEMA.empty_table()
+        return HISTORY_SCHEMA.empty_table()
     holder = lease.holder(root)
     running = holder.owner if holder is not None and not holder.dead(time.time()) else None
-    return runs.history(log_table, running)
+    return run_history(log_table, running)
+
+
+HISTORY_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string()), pa.field("night", pa.date32()), pa.field("models", pa.string()),
+    pa.field("chunks", pa.int64()), *(pa.field(f"rows_{name}", pa.int64()) for name in tables.TABLES),
+    pa.field("started_at", delta.TIMESTAMP), pa.field("ended_at", delta.TIMESTAMP),
+    pa.field("status", pa.string()), pa.field("message", pa.string()),
+])  # fmt: skip
+
+
+def run_history(log: pa.Table, running: str | None = None) -> pa.Table:
+    """One row per run in the order runs began committing: its night, models, complete chunks, rows added
+    per table, start, end and status (`finished`, `failed`, `running` for the run named by `running`, which
+    holds the lease, else `interrupted`)."""
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for entry in sorted(log.drop_columns(["actions"]).to_pylist(), key=lambda e: (e["token"], e["at"])):
+        by_run.setdefault(entry["run_id"], []).append(entry)
+    out = []
+    for run_id, entries in by_run.items():
+        chunks = [e for e in entries if e["status"] == runs.COMMITTED and e["chunk"] > 0]
+        ends = [e for e in entries if e["status"] in (runs.FINISHED, runs.FAILED)]
+        added: dict[str, int] = {}
+        for chunk in chunks:
+            for name, n in chunk["rows"] or ():
+                added[name] = added.get(name, 0) + n
+        if ends:
+            status, message, ended = ends[-1]["status"], ends[-1]["message"], ends[-1]["at"]
+        else:
+            status, ended = ("running" if run_id == running else "interrupted"), None
+            helpers = sorted({e["recovered_by"] for e in chunks if e["recovered_by"]})
+            message = f"chunks finished by {', '.join(helpers)}" if helpers else None
+        starts = [e["started_at"] for e in entries if e["started_at"] is not None]
+        out.append({
+            "run_id": run_id, "night": entries[0]["night"], "models": ", ".join(entries[0]["models"] or ()),
+            "chunks": len({e["chunk"] for e in chunks}),
+            **{f"rows_{name}": added.get(name, 0) for name in tables.TABLES},
+            "started_at": min(starts) if starts else None, "ended_at": ended, "status": status,
+            "message": message,
+        })  # fmt: skip
+    return pa.Table.from_pylist(out, schema=HISTORY_SCHEMA)
 
 
 def print_table(result: pa.Table, fmt: query.Format, title: str) -> None:

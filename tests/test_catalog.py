@@ -12,8 +12,8 @@ import pytest
 from conftest import Killed
 from deltalake import DeltaTable
 
-from flows import runs, storage, table_files, table_maintenance, table_writer, tables
-from jobs import cli, query
+from flows import storage, table_files, table_maintenance, table_writer, tables
+from jobs import catalog, cli, query
 
 D1, D2, D3 = dt.date(2024, 5, 1), dt.date(2024, 5, 2), dt.date(2024, 5, 3)
 
@@ -144,7 +144,7 @@ def test_optimize_and_vacuum_keep_results_and_a_pinned_reader(
     assert status == 0 and "classifications" in out
     assert len(list((tmp_path / "tables" / "classifications").rglob("*.parquet"))) == 2  # orphans gone
     assert sql(uri, everything) == before
-    operations = [r["run_id"].split("-")[0] for r in runs.history(runs.read_log(uri)).to_pylist()]
+    operations = [r["run_id"].split("-")[0] for r in catalog.history(uri).to_pylist()]
     assert operations == ["n1", "n2", "optimize", "vacuum", "vacuum"]
     status, out = tables_cli(capsys, "vacuum", uri, "--retain", "7 weeks")
     assert status == 2 and "retain '7 weeks': expected a duration such as 7d" in out
@@ -244,7 +244,7 @@ def test_purge_removes_a_sources_rows_from_every_table(
     for name in ("videos", "classifications", "sentiment"):
         assert sql(tables_uri, f"SELECT DISTINCT uri FROM {name}") == [{"uri": "s3://videos/keep.mp4"}], name
     # Recorded in history; nothing matches a second time.
-    assert runs.history(runs.read_log(tables_uri)).column("run_id").to_pylist()[-1].startswith("purge-")
+    assert catalog.history(tables_uri).column("run_id").to_pylist()[-1].startswith("purge-")
     assert tables_cli(capsys, "purge", tables_uri, "--uri", "s3://videos/takedown-*")[1].endswith(
         "no rows matched\n"
     )

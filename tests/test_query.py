@@ -16,7 +16,7 @@ import pytest
 from conftest import Killed
 from deltalake import DeltaTable
 
-from flows import table_writer, tables
+from flows import delta, table_writer, tables
 from jobs import query
 from jobs import report as reports
 
@@ -161,7 +161,7 @@ def test_a_reader_sees_only_complete_chunks(tables_uri: str, cut_off_at) -> None
     with pytest.raises(Killed):
         tag_night(tables_uri, "n2", D2, new)
     cut_off_at(None)
-    latest = DeltaTable(f"{tables_uri}/classifications", storage_options=tables.storage_options(tables_uri))
+    latest = DeltaTable(f"{tables_uri}/classifications", storage_options=delta.storage_options(tables_uri))
     assert latest.to_pyarrow_table().num_rows == 20  # the table alone already holds the cut-off chunk
     assert query.run_sql(tables_uri, count).to_pylist() == [{"label": "cooking", "n": 4}]
     assert query.run_sql(tables_uri, joined).to_pylist() == [{"n": 4}]

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from flows import runs, storage, table_writer, tables
+from flows import delta, runs, storage, table_writer, tables
 from jobs import cli, query
 
 D1, D2, D3 = dt.date(2024, 5, 1), dt.date(2024, 5, 2), dt.date(2024, 5, 3)
@@ -107,7 +107,7 @@ def test_migrate_converts_in_place_and_keeps_every_committed_row(
     assert "migrated 3 runs" in capsys.readouterr().out
     for name in ("_commits", "_staging"):
         assert not storage.exists(storage.join_uri(legacy, name))
-    options = tables.storage_options(legacy)
+    options = delta.storage_options(legacy)
     videos = DeltaTable(f"{legacy}/videos", storage_options=options).to_pyarrow_table()
     pairs = zip(videos.column("video_id").to_pylist(), videos.column("job_run_id").to_pylist(), strict=True)
     assert sorted(pairs) == [

@@ -14,10 +14,11 @@ import pytest
 from conftest import Killed
 from deltalake import DeltaTable
 
-from flows import runs, storage, table_files, table_writer, tables
+from flows import delta, runs, storage, table_files, table_writer, tables
 from flows.lease import Lease, LeaseLost
 from flows.table_writer import TableWriter
 from flows.tables import TableError
+from jobs import catalog
 
 NIGHT = dt.date(2024, 5, 1)
 NEXT = dt.date(2024, 5, 2)
@@ -136,7 +137,7 @@ def test_bad_rows_get_a_one_line_error_naming_table_and_column(tmp_path: Path, c
     assert "table classifications" in message and f"'{column}'" in message
     for name in tables.TABLES:  # nothing of the chunk was committed
         assert tables.read_table(uri, name).num_rows == 0, name
-    (run,) = runs.history(runs.read_log(uri)).to_pylist()  # the run is on record as failed, and why
+    (run,) = catalog.history(uri).to_pylist()  # the run is on record as failed, and why
     assert run["status"] == "failed" and run["message"] == f"TableError: {message}"
 
 
@@ -175,10 +176,10 @@ def test_a_committed_night_reads_back_from_every_table(tables_uri: str) -> None:
     assert rows_of(tables_uri, "errors", "video_id", "error_type") == [("x", "InvalidData")]
     # Each table is a Delta table partitioned by run_date, which deltalake reads as `reelflow query` does.
     for name in tables.TABLES:
-        delta = DeltaTable(f"{tables_uri}/{name}", storage_options=tables.storage_options(tables_uri))
-        assert delta.metadata().partition_columns == ["run_date"], name
+        table = DeltaTable(f"{tables_uri}/{name}", storage_options=delta.storage_options(tables_uri))
+        assert table.metadata().partition_columns == ["run_date"], name
         assert (
-            delta.to_pyarrow_table()
+            table.to_pyarrow_table()
             .sort_by("video_id")
             .equals(tables.read_table(tables_uri, name).sort_by("video_id"))
         ), name

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
+from flows import delta, storage, tables
 from flows import labels as flabels
-from flows import storage, tables
 from flows.clips import list_video_rows
 from jobs import query, tag
 
@@ -169,9 +169,9 @@ def test_tag_on_s3_writes_every_table_against_labels_and_errors(s3_run):
 
     # Delta Lake tables partitioned by run_date, which any Delta reader sees as `reelflow query` does.
     for name in tables.TABLES:
-        delta = DeltaTable(f"{tables_uri}/{name}", storage_options=tables.storage_options(tables_uri))
-        assert all(f"/{name}/run_date={DATE}/part-{summary.job_run_id}-" in f for f in delta.file_uris())
-        assert _sorted_rows(delta.to_pyarrow_table()) == _sorted_rows(tables.read_table(tables_uri, name))
+        table = DeltaTable(f"{tables_uri}/{name}", storage_options=delta.storage_options(tables_uri))
+        assert all(f"/{name}/run_date={DATE}/part-{summary.job_run_id}-" in f for f in table.file_uris())
+        assert _sorted_rows(table.to_pyarrow_table()) == _sorted_rows(tables.read_table(tables_uri, name))
     assert (summary.chunks, summary.rolled_forward) == (1, 0)
 
 
