@@ -105,6 +105,15 @@ class SnapshotPoint:
     versions: dict[str, int]
 
 
+def commit_order(log: pa.Table | None) -> pa.Table:
+    """(job_run_id, token): each run with a complete chunk and the token of its first one (commit order)."""
+    if log is None:
+        return pa.table({"job_run_id": pa.array([], pa.string()), "token": pa.array([], pa.int64())})
+    committed = log.filter(pc.equal(log.column("status"), COMMITTED))
+    order = committed.group_by("run_id").aggregate([("token", "min")])
+    return order.select(["run_id", "token_min"]).rename_columns(["job_run_id", "token"])
+
+
 def snapshot_point(log: pa.Table, as_of: str | dt.date | None = None) -> SnapshotPoint | None:
     """The last complete chunk in commit order; with `as_of`, the last one of that run id, or of the last
     run whose night is on or before that date. None when there is none."""

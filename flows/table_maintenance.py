@@ -202,7 +202,8 @@ def repair(tables_uri: str, *, lease_wait_s: float | None = None) -> list[str]:
                             "file(s) from the table; their rows are lost")  # fmt: skip
         duplicates = [p.table for p in problems if p.kind == "duplicate"]
         if duplicates:
-            order = _commit_order(runs.read_log(writer.tables_uri))
+            ranked = runs.commit_order(runs.read_log(writer.tables_uri)).to_pylist()
+            order = {entry["job_run_id"]: entry["token"] for entry in ranked}
             latest = tables.Snapshot(writer.tables_uri, {n: tables.open_table(writer.tables_uri, n).version()
                                                          for n in tables.TABLES})  # fmt: skip
             remove = {name: _later_copies(writer.tables_uri, name, latest, order) for name in duplicates}
@@ -263,17 +264,6 @@ def _duplicated(root: str, name: str, snapshot: tables.Snapshot) -> pa.Table:
         return counts.filter(pc.greater(counts.column("job_run_id_count"), 1)).select(key)
     counts = data.group_by(key).aggregate([("job_run_id", "count_distinct")])
     return counts.filter(pc.greater(counts.column("job_run_id_count_distinct"), 1)).select(key)
-
-
-def _commit_order(log_table: pa.Table | None) -> dict[str, int]:
-    """run id → the token of its first complete chunk (commit order)."""
-    order: dict[str, int] = {}
-    if log_table is None:
-        return order
-    for entry in log_table.select(["run_id", "status", "token"]).to_pylist():
-        if entry["status"] == runs.COMMITTED:
-            order[entry["run_id"]] = min(order.get(entry["run_id"], entry["token"]), entry["token"])
-    return order
 
 
 def _later_copies(root: str, name: str, snapshot: tables.Snapshot, order: dict[str, int]) -> pa.Table:

@@ -27,7 +27,6 @@ from typing import Any, Literal, TypeVar
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from rich.console import Console
@@ -117,12 +116,7 @@ def _add_current_views(con: duckdb.DuckDBPyConnection, tables_uri: str) -> None:
     """`current.<table>`: per URI, only the rows of its newest content (a re-uploaded object has a new
     video_id; its newest is the one whose `videos` row came last, by night and then commit order)."""
     log_table = runs.read_log(tables.root_uri(tables_uri)) if storage.exists(tables_uri) else None
-    order = pa.table({"job_run_id": pa.array([], pa.string()), "token": pa.array([], pa.int64())})
-    if log_table is not None:
-        committed = log_table.filter(pc.equal(log_table.column("status"), runs.COMMITTED))
-        order = committed.group_by("run_id").aggregate([("token", "min")])
-        order = order.rename_columns(["job_run_id", "token"])
-    con.register("_run_order", order)
+    con.register("_run_order", runs.commit_order(log_table))
     con.execute("CREATE SCHEMA current")
     newest = """SELECT video_id FROM (
         SELECT v.video_id, row_number() OVER (
