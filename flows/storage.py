@@ -584,7 +584,8 @@ def remove(uri: str, recursive: bool = False) -> None:
         if not _split_s3(uri)[1]:
             raise ValueError(f"{uri}: refusing to remove a whole bucket; name a prefix inside it")
         fs, path = fsspec_filesystem(uri)
-        with _errors(uri):
+        # s3fs raises for a prefix with nothing under it; S3 itself says nothing of a missing key.
+        with _errors(uri), contextlib.suppress(FileNotFoundError):
             fs.rm(path, recursive=recursive)
         return
     path = _local_path(uri)

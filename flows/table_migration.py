@@ -11,7 +11,6 @@ go last; a migration that is cut off can be run again.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -79,8 +78,7 @@ def migrate(tables_uri: str, *, lease_wait_s: float | None = None) -> MigrationR
             for name, n in (result.rows if result else {}).items():
                 rows[name] = rows.get(name, 0) + n
         for name in (COMMITS, STAGING):
-            with contextlib.suppress(FileNotFoundError):  # an S3 prefix whose files are all gone
-                storage.remove(storage.join_uri(root, name), recursive=True)
+            storage.remove(storage.join_uri(root, name), recursive=True)
     return MigrationResult(len(by_run), rows, dropped)
 
 

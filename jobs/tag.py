@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import time
 import uuid
@@ -224,7 +223,7 @@ def tag_in_chunks(
     clip_config = tagging_clip_config([m.spec for m in models], config.stride, config.decoder)
     init_ray(config.ray_address)
     scratch = storage.join_uri(writer.tables_uri, SCRATCH)
-    _remove_quietly(scratch)  # left by runs that died: nothing else writes here without the lease
+    storage.remove(scratch, recursive=True)  # left by runs that died: only a lease holder writes there
     todo = plan.todo
     count = -(-len(todo) // config.commit_every)
     for index in range(count):
@@ -234,7 +233,7 @@ def tag_in_chunks(
         per_video = summaries(result, models, config.aggregate)
         rows = chunk_rows(chunk, plan, models, result, per_video, config.aggregate, writer.run_date)
         committed = writer.write_chunk(rows, replace=config.full)
-        _remove_quietly(errors_uri)
+        storage.remove(errors_uri, recursive=True)
         if index == 0:
             summary.startup_s, summary.steady_clips_per_s = result.first_batch_s, result.steady_clips_per_s
         summary.decoded += [v.video_id for v in chunk]
@@ -247,7 +246,7 @@ def tag_in_chunks(
         count_top_labels(per_video, models, summary.label_counts)
         if count > 1:
             console.print(f"chunk {index + 1}/{count} committed: {len(chunk)} videos")
-    _remove_quietly(scratch)
+    storage.remove(scratch, recursive=True)
 
 
 def chunk_rows(
@@ -303,11 +302,6 @@ def _row_schema(name: str) -> pa.Schema:
     """The table's schema without job_run_id, which the writer fills in."""
     full = tables.schema(name)
     return full.remove(full.get_field_index("job_run_id"))
-
-
-def _remove_quietly(uri: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        storage.remove(uri, recursive=True)
 
 
 # --- reporting ------------------------------------------------------------------------------------------

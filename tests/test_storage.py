@@ -228,6 +228,7 @@ def test_rename_and_remove(tmp_path: Path, s3_bucket: str) -> None:
             storage.rename(f"{stage}/gone", f"{final}/gone")
 
         storage.remove(f"{final}/never-was.bin")  # idempotent: nothing there is fine
+        storage.remove(f"{final}/no-such-folder", recursive=True)
         storage.remove(f"{final}", recursive=True)
         assert not storage.exists(final)
         assert storage.exists(base)
