@@ -257,14 +257,16 @@ class Snapshot:
     chunk: int | None = None
 
 
-def read_snapshot(tables_uri: str, as_of: str | dt.date | None = None) -> Snapshot:
+def read_snapshot(
+    tables_uri: str, as_of: str | dt.date | None = None, log: pa.Table | None = None
+) -> Snapshot:
     """The versions of the last complete chunk (in commit order); with `as_of`, of an earlier state.
 
     `as_of` is a run id (the state when that run's last chunk committed) or a date (the last run, in
-    completion order, whose night is on or before it).
+    completion order, whose night is on or before it). `log` is the run log when the caller has read it.
     """
     root = root_uri(tables_uri)
-    log = runs.read_log(root)
+    log = log if log is not None else runs.read_log(root)
     if log is None:
         if as_of is not None:
             raise TableError(f"tables {root}: no run has committed yet, so there is nothing as of {as_of}")

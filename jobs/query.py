@@ -92,17 +92,17 @@ class QueryConfig:
 
 
 def connect(
-    tables_uri: str, snapshot: tables.Snapshot | None = None, memory_limit: str | None = None
+    tables_uri: str, as_of: str | None = None, memory_limit: str | None = None
 ) -> duckdb.DuckDBPyConnection:
-    """A sandboxed in-memory DuckDB connection: a view per table, every table at the `snapshot`'s version
-    (the last complete chunk's by default), the schema `current`, and no access to files or settings."""
-    if snapshot is None:
-        check_tables_uri(tables_uri)
-        snapshot = tables.read_snapshot(tables_uri)
+    """A sandboxed in-memory DuckDB connection: a view per table, every table at the versions of the last
+    complete chunk (or as of `as_of`), the schema `current`, and no access to files or settings."""
+    check_tables_uri(tables_uri)
+    log = runs.read_log(tables.root_uri(tables_uri))  # read once: for the snapshot and for `current`
+    snapshot = tables.read_snapshot(tables_uri, as_of=as_of, log=log)
     con = duckdb.connect()
     for name in tables.TABLES:
         con.register(name, tables.dataset(tables_uri, name, snapshot))
-    _add_current_views(con, tables_uri)
+    _add_current_views(con, runs.commit_order(log))
     if memory_limit:
         con.execute(f"SET memory_limit = '{memory_limit.strip()}'")
     # The views are Arrow datasets that deltalake scans; SQL itself reaches no file, extension or setting
@@ -112,11 +112,10 @@ def connect(
     return con
 
 
-def _add_current_views(con: duckdb.DuckDBPyConnection, tables_uri: str) -> None:
+def _add_current_views(con: duckdb.DuckDBPyConnection, order: pa.Table) -> None:
     """`current.<table>`: per URI, only the rows of its newest content (a re-uploaded object has a new
-    video_id; its newest is the one whose `videos` row came last, by night and then commit order)."""
-    log_table = runs.read_log(tables.root_uri(tables_uri)) if storage.exists(tables_uri) else None
-    con.register("_run_order", runs.commit_order(log_table))
+    video_id; its newest is the one whose `videos` row came last, by night and then commit `order`)."""
+    con.register("_run_order", order)
     con.execute("CREATE SCHEMA current")
     newest = """SELECT video_id FROM (
         SELECT v.video_id, row_number() OVER (
@@ -143,8 +142,7 @@ def on_snapshot(
 ) -> T:
     """`work` on a connection over the tables as of the last complete chunk (or `read.as_of`)."""
     read = read or ReadOptions()
-    check_tables_uri(tables_uri)
-    con = connect(tables_uri, tables.read_snapshot(tables_uri, as_of=read.as_of), read.memory_limit)
+    con = connect(tables_uri, read.as_of, read.memory_limit)
     timer = threading.Timer(read.timeout_s, con.interrupt) if read.timeout_s else None
     if timer is not None:
         timer.start()
