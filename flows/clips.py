@@ -276,7 +276,8 @@ def iter_video_clips(
             err = VideoError(err.stage, err.error_type, f"{row.uri}: {err.message}")
         raise err from None
     except (OSError, PermissionError) as err:
-        raise VideoError("read", type(err).__name__, f"{row.uri}: {err}") from None
+        message = str(err) if str(err).startswith(row.uri) else f"{row.uri}: {err}"
+        raise VideoError("read", type(err).__name__, message) from None
 
 
 def _check_truncation(row: VideoRow, done: _VideoDone) -> None:

@@ -28,6 +28,22 @@ class VideoError(Exception):
         return {"stage": self.stage, "error_type": self.error_type, "message": self.message}
 
 
+# Failures of the machine or the store rather than of the video, which a later attempt may not meet: an I/O
+# error reading the object (permission, connection, full disk), a decoder process killed (out of memory) or
+# out of time. Everything else (undecodable, empty, unsupported codec) fails the same way every time.
+TRANSIENT_STAGES = frozenset({"read"})
+TRANSIENT_ERROR_TYPES = frozenset({
+    "DecoderCrashed", "DecoderTimeout", "MemoryError", "OSError", "PermissionError", "TimeoutError",
+    "ConnectionError", "ConnectionResetError", "ConnectionAbortedError", "ConnectionRefusedError",
+    "BrokenPipeError",
+})  # fmt: skip
+
+
+def is_transient(stage: str, error_type: str) -> bool:
+    """Whether a video error of this stage and type may go away on a later attempt (worth retrying)."""
+    return stage in TRANSIENT_STAGES or error_type in TRANSIENT_ERROR_TYPES
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     """Stream facts from a PyAV probe (no full decode).

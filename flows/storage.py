@@ -261,6 +261,8 @@ def _denied(uri: str, err: Exception) -> str:
     # s3fs keeps botocore's ClientError as the cause; its error code says which check failed.
     code = str(getattr(err.__cause__, "response", {}).get("Error", {}).get("Code") or "Forbidden")
     code = f"HTTP {code}" if code.isdigit() else code
+    if code == "InvalidObjectState":
+        return f"{uri}: the object is archived (a Glacier storage class); restore it to read it ({code})"
     return (
         f"{uri}: access denied to bucket {bucket_of(uri)} ({redact(code)}); "
         "check the AWS credentials in the environment, profile or role"

@@ -157,6 +157,12 @@ def replaced_keys(rows: Mapping[str, pa.Table]) -> dict[str, pa.Table]:
     return out
 
 
+def union_keys(first: pa.Table, second: pa.Table) -> pa.Table:
+    """The distinct keys of both tables (same key columns)."""
+    schema = key_schema(first.column_names)
+    return _distinct(pa.concat_tables([first.cast(schema), second.select(schema.names).cast(schema)]))
+
+
 def key_schema(columns: Sequence[str]) -> pa.Schema:
     """Key columns as strings, the type removals join on."""
     return pa.schema([pa.field(c, pa.string()) for c in columns])

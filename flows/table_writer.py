@@ -46,6 +46,7 @@ from flows.table_files import (
     TableChange,
     key_schema,
     replaced_keys,
+    union_keys,
     write_files,
     write_parquet,
 )
@@ -136,11 +137,21 @@ class TableWriter:
         """Validate and write rows of table `name` for this run's night (uncommitted until `commit_chunk`)."""
         return write_files(self.tables_uri, name, data, job_run_id=self.job_run_id, run_date=self.run_date)
 
-    def write_chunk(self, rows: Mapping[str, pa.Table], *, replace: bool = False) -> ChunkResult | None:
-        """Write and commit one chunk of rows; with `replace`, earlier rows under the same keys go."""
+    def write_chunk(
+        self,
+        rows: Mapping[str, pa.Table],
+        *,
+        replace: bool = False,
+        remove: Mapping[str, pa.Table] | None = None,
+    ) -> ChunkResult | None:
+        """Write and commit one chunk of rows; with `replace`, earlier rows under the same keys go, and so do
+        the rows under `remove`'s keys (table → key columns, as in `commit_chunk`)."""
         files = {name: self.write_files(name, data) for name, data in rows.items()}
         _step("files written")
-        return self.commit_chunk(files, replaced_keys(rows) if replace else None)
+        removal = replaced_keys(rows) if replace else {}
+        for name, keys in (remove or {}).items():
+            removal[name] = union_keys(removal[name], keys) if name in removal else keys
+        return self.commit_chunk(files, removal or None)
 
     def commit_chunk(
         self,

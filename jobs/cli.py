@@ -188,6 +188,8 @@ def _tag(args: argparse.Namespace) -> int:
         predict=predict,
         commit_every=args.commit_every,
         lease_wait_s=args.lease_wait,
+        max_attempts=args.max_attempts,
+        retry_errors=args.retry_errors,
         **lease,
     )
     summary = tag.main(config)
@@ -325,6 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for another run's lease on the tables (default: its TTL and a quarter)",
     )  # fmt: skip
     p.add_argument("--lease-ttl", type=float, metavar="S", help="this run's lease TTL (default: 120)")
+    p.add_argument(
+        "--max-attempts", type=int, default=3, metavar="N",
+        help="retry a transient error (storage I/O, decoder killed) until it has failed N times",
+    )  # fmt: skip
+    p.add_argument(
+        "--retry-errors", action="store_true", help="retry every error row, permanent ones too"
+    )  # fmt: skip
     p.set_defaults(func=_tag)
 
     p = sub.add_parser("tables", help="operate the tables: history, check, repair, maintenance, purge")

@@ -19,7 +19,7 @@ from deltalake import DeltaTable
 from flows import delta, storage, tables
 from flows import labels as flabels
 from flows.clips import list_video_rows
-from jobs import query, tag
+from jobs import cli, query, tag
 
 DATE = "2024-05-01"
 PREDICTION_COLUMNS = (
@@ -392,3 +392,71 @@ def test_odd_keys_are_tagged_or_error_rows_and_the_night_completes(
     assert sorted(tagged) == sorted(f"s3://odd-keys/{key}" for key in ODD_KEYS)  # each from its own object
     failed = query.run_sql(tables_uri, "SELECT uri FROM errors").column("uri").to_pylist()
     assert failed == ["s3://odd-keys/odd/broken .mp4"]
+
+
+def _error_rows(tables_uri: str) -> dict[str, dict]:
+    rows = tables.read_table(tables_uri, "errors").to_pylist()
+    assert len({(r["video_id"], r["model_name"], r["model_version"]) for r in rows}) == len(rows)
+    return {r["uri"].rsplit("/", 1)[-1]: r for r in rows}
+
+
+def test_transient_errors_are_retried_until_they_pass_and_permanent_ones_are_not(
+    ray_session, s3_server, small_corpus, tagging_model
+):
+    """An object made unreadable (archived: the store answers 403) fails transiently: later nights retry
+    it, up to --max-attempts, and once it reads again its error row gives way to its predictions. A corrupt
+    file fails permanently: no night decodes it again, unless --retry-errors."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="retries")
+    manifest = flabels.read_manifest(str(small_corpus / flabels.LABELS_FILE))
+    for name in sorted(manifest.videos)[:2]:
+        s3.upload_file(str(small_corpus / name), "retries", f"c/{Path(name).name}")
+    flaky = Path(sorted(manifest.videos)[0]).name
+    s3.put_object(Bucket="retries", Key="c/corrupt.mp4", Body=b"\x00\x00\x00\x18ftypmp42" + b"\x17" * 4096)
+    s3.copy_object(Bucket="retries", Key=f"c/{flaky}", CopySource={"Bucket": "retries", "Key": f"c/{flaky}"},
+                   StorageClass="GLACIER")  # fmt: skip
+    corpus, tables_uri = "s3://retries/c", "s3://retries/tables"
+    night = iter(f"2024-06-0{day}" for day in range(1, 10))
+
+    def tag_night(**kwargs) -> tag.TagSummary:
+        return tag.main(_config(corpus, tables_uri, tagging_model, date=next(night), **kwargs))
+
+    first = tag_night()
+    assert (first.tagged, first.failed) == (1, 2)
+    errors = _error_rows(tables_uri)
+    assert set(errors) == {flaky, "corrupt.mp4"}
+    assert (errors[flaky]["stage"], errors[flaky]["transient"], errors[flaky]["attempts"]) == (
+        "read",
+        True,
+        1,
+    )
+    message = f"{corpus}/{flaky}: the object is archived (a Glacier storage class); restore it to read it"
+    assert errors[flaky]["message"] == message + " (InvalidObjectState)"
+    assert (errors["corrupt.mp4"]["transient"], errors["corrupt.mp4"]["attempts"]) == (False, 1)
+
+    second = tag_night(max_attempts=2)  # still unreadable: retried once more, the corrupt file is not
+    flaky_id = errors[flaky]["video_id"]
+    assert (second.decoded, second.retried, second.failed) == ([flaky_id], 1, 1)
+    again = _error_rows(tables_uri)
+    assert again[flaky]["attempts"] == 2
+    assert again[flaky]["first_seen"] == errors[flaky]["first_seen"] < again[flaky]["last_seen"]
+    assert again["corrupt.mp4"] == errors["corrupt.mp4"]
+
+    assert tag_night(max_attempts=2).decoded == []  # two failed attempts: no more under --max-attempts 2
+
+    s3.restore_object(Bucket="retries", Key=f"c/{flaky}", RestoreRequest={"Days": 1})
+    fourth = tag_night()  # the default of 3 attempts allows one more, and now the object reads
+    assert (fourth.decoded, fourth.tagged, fourth.failed) == ([flaky_id], 1, 0)
+    assert set(_error_rows(tables_uri)) == {"corrupt.mp4"}
+    status = query.run_sql(tables_uri, f"SELECT status FROM videos WHERE video_id = '{flaky_id}'")
+    assert status.column("status").to_pylist() == ["ok"]
+    tagged = query.run_sql(tables_uri, "SELECT DISTINCT uri FROM classifications").column("uri").to_pylist()
+    assert len(tagged) == 2 and f"{corpus}/{flaky}" in tagged
+
+    args = ["tag", "--corpus", corpus, "--tables", tables_uri, "--model", tagging_model[0],
+            "--tracking-uri", tagging_model[1], "--date", next(night)]  # fmt: skip
+    assert cli.main([*args, "--retry-errors", "--max-attempts", "1"]) == 0  # through the command line
+    assert _error_rows(tables_uri)["corrupt.mp4"]["attempts"] == 2
+    assert tag_night().decoded == []

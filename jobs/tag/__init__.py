@@ -1,0 +1,135 @@
+"""`reelflow tag`: the nightly job. New videos → every head of every model → the analyst tables.
+
+    reelflow tag --corpus s3://videos/ --model models:/reelflow-multitask@candidate \
+        --tables s3://analytics/tables --date 2024-05-01
+
+1. Resolve each model URI once to a registered version (an alias may move during the night).
+2. List the corpus and plan (`jobs.tag.plan`): a video is to do for each model version that has neither
+   predictions nor a standing error row in the committed tables; a transient error is retried up to
+   `--max-attempts` (`--retry-errors`: every error; `--full`: every video, replacing its earlier rows).
+3. Take the tables' lease (waiting `--lease-wait` for a live run), roll forward a chunk an earlier run left
+   half committed, and plan again: whatever a run before this one committed is done.
+4. In chunks of `--commit-every` videos: decode each video once in sliding windows at the models' input
+   (CPU tasks), predict every head in an actor pool, aggregate per video, and commit the chunk to all six
+   tables exactly once (`flows.table_writer`). A crash loses at most the chunk under way.
+5. Print a one-screen summary and record it, with a label-distribution plot, in an MLflow run.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from flows import runs, storage, table_writer, tables
+from flows.clips import list_video_rows
+from flows.inference import run_inference, summaries, tagging_clip_config
+from jobs.registered import DEFAULT_MLFLOW_DIR, RegisteredModel, load_models, resolve_versions
+from jobs.runtime import console
+from jobs.tag.config import EXPERIMENT, TagConfig, TagSummary
+from jobs.tag.plan import NightPlan, plan_night
+from jobs.tag.reporting import count_top_labels, print_summary, record_run
+from jobs.tag.rows import chunk_rows
+
+__all__ = ["EXPERIMENT", "SCRATCH", "TagConfig", "TagSummary", "main", "tagging_clip_config"]
+SCRATCH = "_scratch"
+
+
+def main(config: TagConfig) -> TagSummary:
+    """Run one night's tagging; returns its summary."""
+    from jobs import tracking
+
+    started = time.perf_counter()
+    run_date = tables.parse_run_date(config.date)
+    root = tables.root_uri(config.tables)
+    tables.check_location(root, must_exist=False)
+    tracking_uri = tracking.tracking_uri(config.tracking_uri, DEFAULT_MLFLOW_DIR)
+    refs = resolve_versions(config.models, tracking_uri)
+    job_run_id = config.job_run_id or f"tag-{run_date.isoformat()}-{uuid.uuid4().hex[:8]}"
+    console.rule(f"[bold]tag[/] {run_date} · {job_run_id}")
+    console.print("models: " + ", ".join(ref.uri for ref in refs))
+
+    videos = list_video_rows(config.corpus)
+    if not videos:
+        raise FileNotFoundError(f"corpus {config.corpus}: no video files found")
+    plan = plan_night(videos, refs, root, **_planning(config))
+    retrying = f" (retrying the errors of {len(plan.retried_videos)})" if plan.retries else ""
+    console.print(
+        f"{len(videos)} videos under {config.corpus}: {len(plan.todo)} to tag{retrying}, "
+        f"{plan.skipped} already tagged"
+    )
+    summary = TagSummary(job_run_id, run_date, listed=len(videos), skipped=plan.skipped)
+    models: list[RegisteredModel] = []
+    if plan.todo or _has_pending_chunks(root):  # a quiet night takes no lease, starts no Ray, commits nothing
+        with table_writer.writing(
+            root, job_run_id, run_date, models=[ref.uri for ref in refs],
+            lease_ttl_s=config.lease_ttl_s, lease_wait_s=config.lease_wait_s,
+        ) as writer:  # fmt: skip
+            summary.rolled_forward = len(writer.recovered)
+            if writer.recovered:
+                console.print(
+                    f"finished committing {len(writer.recovered)} chunk(s) an earlier run left half done"
+                )
+            plan = plan_night(videos, refs, root, **_planning(config))  # what earlier runs committed is done
+            summary.skipped = plan.skipped
+            if plan.todo:
+                models = load_models(refs, tracking_uri)
+                tag_in_chunks(plan, models, writer, config, summary)
+        summary.commit_s = writer.commit_seconds
+    summary.seconds = time.perf_counter() - started
+    summary.mlflow_run_id = record_run(config, summary, refs, models, tracking_uri)
+    print_summary(summary, root)
+    return summary
+
+
+def _planning(config: TagConfig) -> dict[str, Any]:
+    return {"full": config.full, "max_attempts": config.max_attempts, "retry_errors": config.retry_errors}
+
+
+def _has_pending_chunks(tables_uri: str) -> bool:
+    log = runs.read_log(tables_uri) if storage.exists(tables_uri) else None
+    return log is not None and bool(runs.pending_chunks(log))
+
+
+# --- decode, predict, commit ----------------------------------------------------------------------------
+
+
+def tag_in_chunks(
+    plan: NightPlan,
+    models: Sequence[RegisteredModel],
+    writer: table_writer.TableWriter,
+    config: TagConfig,
+    summary: TagSummary,
+) -> None:
+    """Decode, predict and commit `plan.todo` chunk by chunk, adding what each did to `summary`."""
+    from jobs.runtime import init_ray
+
+    clip_config = tagging_clip_config([m.spec for m in models], config.stride, config.decoder)
+    init_ray(config.ray_address)
+    scratch = storage.join_uri(writer.tables_uri, SCRATCH)
+    storage.remove(scratch, recursive=True)  # left by runs that died: only a lease holder writes there
+    todo = plan.todo
+    count = -(-len(todo) // config.commit_every)
+    for index in range(count):
+        chunk = todo[index * config.commit_every : (index + 1) * config.commit_every]
+        errors_uri = storage.join_uri(scratch, writer.job_run_id, f"chunk-{index + 1}")
+        result = run_inference(chunk, models, clip_config, config.predict, errors_uri, progress=console.print)
+        per_video = summaries(result, models, config.aggregate)
+        rows = chunk_rows(chunk, plan, models, result, per_video, config.aggregate, writer.run_date)
+        committed = writer.write_chunk(rows, replace=config.full, remove=plan.removals(chunk))
+        storage.remove(errors_uri, recursive=True)
+        if index == 0:
+            summary.startup_s, summary.steady_clips_per_s = result.first_batch_s, result.steady_clips_per_s
+        summary.decoded += [v.video_id for v in chunk]
+        summary.tagged += len(chunk) - len(result.failed)
+        summary.failed += len(result.failed)
+        summary.retried += len(plan.retried_videos.intersection(v.video_id for v in chunk))
+        summary.clips += result.clips
+        summary.chunks += 1
+        for name, n in (committed.rows if committed else {}).items():
+            summary.rows[name] = summary.rows.get(name, 0) + n
+        count_top_labels(per_video, models, summary.label_counts)
+        if count > 1:
+            console.print(f"chunk {index + 1}/{count} committed: {len(chunk)} videos")
+    storage.remove(scratch, recursive=True)
