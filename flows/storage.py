@@ -329,6 +329,73 @@ def _walk_local(root: str) -> Iterator[tuple[str, int, str]]:
                 yield full, os.path.getsize(full), ""
 
 
+def iter_files(uri: str, start: str = "", stop: str | None = None) -> Iterator[tuple[str, int, str]]:
+    """(canonical uri, size, S3 etag or "") of the files under a folder or prefix whose name below it
+    sorts in [start, stop), streamed: S3 pages of 1000 keys in key order, a folder entry by entry. A URI
+    naming a file yields that file (when `start` is empty)."""
+    if is_s3(uri):
+        yield from _iter_s3(uri, start, stop)
+        return
+    path = _local_path(uri)
+    with _errors(uri):
+        if os.path.isfile(path):
+            if not start:
+                yield path, os.path.getsize(path), ""
+            return
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.name < start or (stop is not None and entry.name >= stop):
+                    continue
+                if entry.is_dir():
+                    yield from _walk_local(entry.path)
+                elif entry.is_file():
+                    with contextlib.suppress(FileNotFoundError):  # deleted while listing
+                        yield entry.path, entry.stat().st_size, ""
+
+
+def _iter_s3(uri: str, start: str, stop: str | None) -> Iterator[tuple[str, int, str]]:
+    bucket, key = _split_s3(uri)
+    fs = _s3()
+    prefix = f"{key}/" if key else ""
+    request: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1000}
+    if start:
+        # StartAfter is exclusive: start after the largest name below `start` (keys are valid UTF-8).
+        request["StartAfter"] = prefix + chr(ord(start[0]) - 1) + "\U0010ffff"
+    with _errors(uri):
+        if key:
+            with contextlib.suppress(FileNotFoundError):
+                info = fs.info(f"{bucket}/{key}")
+                if info.get("type") == "file":  # the URI names one object
+                    if not start:
+                        yield canonical_uri(uri), int(info["size"]), str(info.get("ETag", "")).strip('"')
+                    return
+        while True:
+            page = fs.call_s3("list_objects_v2", **request)
+            for item in page.get("Contents", []):
+                name = item["Key"][len(prefix) :]
+                if name < start or not name or name.endswith("/"):  # folder markers are not files
+                    continue
+                if stop is not None and name >= stop:
+                    return
+                yield f"s3://{bucket}/{item['Key']}", int(item["Size"]), str(item.get("ETag", "")).strip('"')
+            if not page.get("IsTruncated"):
+                return
+            request["ContinuationToken"] = page["NextContinuationToken"]
+            request.pop("StartAfter", None)
+
+
+def list_children(uri: str) -> list[str]:
+    """Canonical URIs of the files and folders directly under a folder or prefix, sorted; [] when absent."""
+    fs, path = fsspec_filesystem(uri)
+    with _errors(uri):
+        try:
+            entries = fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+    prefix = "s3://" if is_s3(uri) else ""
+    return sorted(prefix + e.rstrip("/") for e in entries if e.rstrip("/") != path.rstrip("/"))
+
+
 def list_files(uri: str, suffix: str | tuple[str, ...] | None = None) -> list[str]:
     """Canonical URIs of every file under a folder or prefix (recursively), sorted.
 
@@ -352,7 +419,7 @@ def list_videos(uri: str, extensions: Iterable[str] = VIDEO_EXTENSIONS) -> list[
     if is_s3(uri):
         return [StoredObject(name, size, etag) for name, size, etag in entries]
     with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound: two small reads per file, NFS-friendly
-        etags = list(pool.map(_local_etag, [name for name, _, _ in entries]))
+        etags = list(pool.map(local_etag, [name for name, _, _ in entries]))
     return [StoredObject(name, size, etag) for (name, size, _), etag in zip(entries, etags, strict=True)]
 
 
@@ -395,7 +462,8 @@ def content_fingerprint(path: str) -> str:
     return f"{FINGERPRINT_VERSION}-{digest.hexdigest()[:32]}"
 
 
-def _local_etag(path: str) -> str:
+def local_etag(path: str) -> str:
+    """A local file's etag (`content_fingerprint`), or one from its size and mtime while it is unreadable."""
     try:
         return content_fingerprint(path)
     except OSError:

@@ -190,6 +190,7 @@ def _tag(args: argparse.Namespace) -> int:
         lease_wait_s=args.lease_wait,
         max_attempts=args.max_attempts,
         retry_errors=args.retry_errors,
+        max_videos=args.max_videos,
         **lease,
     )
     summary = tag.main(config)
@@ -322,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=int, help="inference actors (default: one per GPU, else 1)")
     p.add_argument("--strict", action="store_true", help="exit 1 when any video failed")
     p.add_argument("--commit-every", type=int, default=10_000, metavar="N", help="videos per committed chunk")
+    p.add_argument("--max-videos", type=int, metavar="N", help="tag at most N videos tonight (default: all)")
     p.add_argument(
         "--lease-wait", type=float, metavar="S",
         help="seconds to wait for another run's lease on the tables (default: its TTL and a quarter)",

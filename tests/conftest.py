@@ -41,6 +41,12 @@ def wait_for_http(url: str, timeout_s: float = 30.0) -> None:
             time.sleep(0.2)
 
 
+# S3 keys that trip listings: double and leading slashes, spaces, unicode, `=`, very long, URL syntax.
+ODD_KEYS = [
+    "odd/a//b.mp4", "odd//lead.mp4", "odd/with space.mp4", "odd/ünïcødé.mp4", "odd/run_date=2024/x.mp4",
+    "odd/" + "l" * 900 + ".mp4", "odd/pct%20x.mp4", "odd/q?x#y.mp4", "/top.mp4",
+]  # fmt: skip
+
 @pytest.fixture(scope="session")
 def shared_videos() -> Path:
     """The real clips of ../shared/videos (read-only)."""

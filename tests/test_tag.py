@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
+from conftest import ODD_KEYS
 from deltalake import DeltaTable
 
 from flows import delta, storage, tables
@@ -178,7 +180,7 @@ def test_tag_on_s3_writes_every_table_against_labels_and_errors(s3_run):
 def test_tag_again_decodes_nothing_and_adds_no_rows(s3_run):
     before = {name: _rows(s3_run["tables"], name) for name in tables.TABLES}
     summary = tag.main(_config(s3_run["corpus"], s3_run["tables"], s3_run["model"]))
-    assert summary.decoded == [] and summary.skipped == 10 and summary.clips == 0
+    assert summary.decoded == 0 and summary.skipped == 10 and summary.clips == 0
     assert {name: _rows(s3_run["tables"], name) for name in tables.TABLES} == before
 
 
@@ -193,7 +195,10 @@ def test_added_videos_are_the_only_ones_decoded(s3_run, small_corpus):
     before = tables.read_table(s3_run["tables"], "classifications").num_rows
 
     summary = tag.main(_config(s3_run["corpus"], s3_run["tables"], s3_run["model"]))
-    assert sorted(summary.decoded) == sorted(listed[f] for f in new_files)
+    videos = tables.read_table(s3_run["tables"], "videos")
+    this_run = videos.filter(pc.field("job_run_id") == summary.job_run_id)
+    assert summary.decoded == 2
+    assert sorted(this_run.column("video_id").to_pylist()) == sorted(listed[f] for f in new_files)
     assert (summary.tagged, summary.failed) == (2, 0)
     videos = tables.read_table(s3_run["tables"], "videos")
     assert videos.num_rows == len(set(videos.column("video_id").to_pylist())) == 12
@@ -252,7 +257,10 @@ def test_killed_run_then_rerun_equals_a_clean_run(ray_session, local_corpus, tag
     for name in tables.TABLES:
         assert _rows(crashed, name) == _rows(clean, name), name
     scratch = storage.join_uri(crashed, tag.SCRATCH)
-    assert not storage.exists(scratch)  # the killed run's scratch files are gone too
+    left = storage.list_files(scratch)
+    assert left and all("/_scratch/plans/" in f for f in left)  # the killed run's chunk files are gone,
+    tag.clean_scratch(scratch, stale_s=0)  # its plan (written before the lease) goes once it is stale
+    assert storage.list_files(scratch) == []
 
 
 def test_reader_sees_the_old_night_or_the_new_one(ray_session, local_corpus, tagging_model, tmp_path):
@@ -366,12 +374,6 @@ def test_a_polling_reader_sees_whole_chunks_only(ray_session, local_corpus, tagg
     assert {3, 6} & {videos for videos, *_ in seen}, seen  # it did look while the night was running
 
 
-ODD_KEYS = [
-    "odd/a//b.mp4", "odd//lead.mp4", "odd/with space.mp4", "odd/ünïcødé.mp4", "odd/run_date=2024/x.mp4",
-    "odd/" + "l" * 900 + ".mp4", "odd/pct%20x.mp4", "odd/q?x#y.mp4", "/top.mp4",
-]  # fmt: skip
-
-
 def test_odd_keys_are_tagged_or_error_rows_and_the_night_completes(
     ray_session, s3_server, small_corpus, tagging_model, tmp_path
 ):
@@ -438,17 +440,17 @@ def test_transient_errors_are_retried_until_they_pass_and_permanent_ones_are_not
 
     second = tag_night(max_attempts=2)  # still unreadable: retried once more, the corrupt file is not
     flaky_id = errors[flaky]["video_id"]
-    assert (second.decoded, second.retried, second.failed) == ([flaky_id], 1, 1)
+    assert (second.decoded, second.retried, second.failed) == (1, 1, 1)
     again = _error_rows(tables_uri)
     assert again[flaky]["attempts"] == 2
     assert again[flaky]["first_seen"] == errors[flaky]["first_seen"] < again[flaky]["last_seen"]
     assert again["corrupt.mp4"] == errors["corrupt.mp4"]
 
-    assert tag_night(max_attempts=2).decoded == []  # two failed attempts: no more under --max-attempts 2
+    assert tag_night(max_attempts=2).decoded == 0  # two failed attempts: no more under --max-attempts 2
 
     s3.restore_object(Bucket="retries", Key=f"c/{flaky}", RestoreRequest={"Days": 1})
     fourth = tag_night()  # the default of 3 attempts allows one more, and now the object reads
-    assert (fourth.decoded, fourth.tagged, fourth.failed) == ([flaky_id], 1, 0)
+    assert (fourth.decoded, fourth.tagged, fourth.failed) == (1, 1, 0)
     assert set(_error_rows(tables_uri)) == {"corrupt.mp4"}
     status = query.run_sql(tables_uri, f"SELECT status FROM videos WHERE video_id = '{flaky_id}'")
     assert status.column("status").to_pylist() == ["ok"]
@@ -459,4 +461,25 @@ def test_transient_errors_are_retried_until_they_pass_and_permanent_ones_are_not
             "--tracking-uri", tagging_model[1], "--date", next(night)]  # fmt: skip
     assert cli.main([*args, "--retry-errors", "--max-attempts", "1"]) == 0  # through the command line
     assert _error_rows(tables_uri)["corrupt.mp4"]["attempts"] == 2
-    assert tag_night().decoded == []
+    assert tag_night().decoded == 0
+
+
+def test_chunks_hold_commit_every_videos_across_parts_and_the_night_is_capped():
+    from jobs.tag.plan import NightPlan, Part
+
+    plan = NightPlan([Part("a", 4), Part("b", 1), Part("c", 5)], listed=12, retried=0)
+    sizes = [[(p.path, p.offset, p.videos) for p in chunk] for chunk in plan.chunks(3)]
+    assert sizes == [[("a", 0, 3)], [("a", 3, 1), ("b", 0, 1), ("c", 0, 1)], [("c", 1, 3)], [("c", 4, 1)]]
+    assert [sum(p.videos for p in c) for c in plan.chunks(4, max_videos=6)] == [4, 2]
+    assert (plan.todo, plan.skipped) == (10, 2)
+
+
+def test_max_videos_caps_a_night_and_the_next_night_continues(
+    ray_session, local_corpus, tagging_model, tmp_path
+):
+    tables_uri = str(tmp_path / "tables")
+    first = tag.main(_config(str(local_corpus), tables_uri, tagging_model, max_videos=3))
+    assert (first.decoded, first.listed, first.skipped) == (3, 8, 0)
+    second = tag.main(_config(str(local_corpus), tables_uri, tagging_model, date="2024-05-02"))
+    assert (second.decoded, second.skipped) == (5, 3)
+    assert tables.read_table(tables_uri, "videos").num_rows == 8

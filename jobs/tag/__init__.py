@@ -23,22 +23,25 @@ from collections.abc import Sequence
 from typing import Any
 
 from flows import runs, storage, table_writer, tables
-from flows.clips import list_video_rows
 from flows.inference import run_inference, summaries, tagging_clip_config
 from jobs.registered import DEFAULT_MLFLOW_DIR, RegisteredModel, load_models, resolve_versions
 from jobs.runtime import console
 from jobs.tag.config import EXPERIMENT, TagConfig, TagSummary
-from jobs.tag.plan import NightPlan, plan_night
-from jobs.tag.reporting import count_top_labels, print_summary, record_run
+from jobs.tag.plan import ChunkPlan, NightPlan, plan_night
+from jobs.tag.reporting import count_top_labels, print_plan, print_summary, record_run
 from jobs.tag.rows import chunk_rows
 
 __all__ = ["EXPERIMENT", "SCRATCH", "TagConfig", "TagSummary", "main", "tagging_clip_config"]
 SCRATCH = "_scratch"
+PLANS = "plans"
+PART_VIDEOS = 10_000  # planned videos per part file in scratch
+STALE_PLAN_S = 24 * 3600.0  # a plan folder this old belongs to a run that died
 
 
 def main(config: TagConfig) -> TagSummary:
     """Run one night's tagging; returns its summary."""
     from jobs import tracking
+    from jobs.runtime import init_ray
 
     started = time.perf_counter()
     run_date = tables.parse_run_date(config.date)
@@ -50,33 +53,38 @@ def main(config: TagConfig) -> TagSummary:
     console.rule(f"[bold]tag[/] {run_date} · {job_run_id}")
     console.print("models: " + ", ".join(ref.uri for ref in refs))
 
-    videos = list_video_rows(config.corpus)
-    if not videos:
-        raise FileNotFoundError(f"corpus {config.corpus}: no video files found")
-    plan = plan_night(videos, refs, root, **_planning(config))
-    retrying = f" (retrying the errors of {len(plan.retried_videos)})" if plan.retries else ""
-    console.print(
-        f"{len(videos)} videos under {config.corpus}: {len(plan.todo)} to tag{retrying}, "
-        f"{plan.skipped} already tagged"
-    )
-    summary = TagSummary(job_run_id, run_date, listed=len(videos), skipped=plan.skipped)
+    init_ray(config.ray_address)
+    plans = storage.join_uri(root, SCRATCH, PLANS)
     models: list[RegisteredModel] = []
-    if plan.todo or _has_pending_chunks(root):  # a quiet night takes no lease, starts no Ray, commits nothing
-        with table_writer.writing(
-            root, job_run_id, run_date, models=[ref.uri for ref in refs],
-            lease_ttl_s=config.lease_ttl_s, lease_wait_s=config.lease_wait_s,
-        ) as writer:  # fmt: skip
-            summary.rolled_forward = len(writer.recovered)
-            if writer.recovered:
-                console.print(
-                    f"finished committing {len(writer.recovered)} chunk(s) an earlier run left half done"
-                )
-            plan = plan_night(videos, refs, root, **_planning(config))  # what earlier runs committed is done
-            summary.skipped = plan.skipped
-            if plan.todo:
-                models = load_models(refs, tracking_uri)
-                tag_in_chunks(plan, models, writer, config, summary)
-        summary.commit_s = writer.commit_seconds
+    try:
+        plan = plan_night(config.corpus, refs, root, _plan_uri(plans, job_run_id), **_planning(config))
+        if not plan.listed:
+            raise FileNotFoundError(f"corpus {config.corpus}: no video files found")
+        print_plan(plan, config.corpus)
+        summary = TagSummary(job_run_id, run_date, listed=plan.listed, skipped=plan.skipped)
+        if plan.todo or _has_pending_chunks(root):  # a quiet night takes no lease and commits nothing
+            with table_writer.writing(
+                root, job_run_id, run_date, models=[ref.uri for ref in refs],
+                lease_ttl_s=config.lease_ttl_s, lease_wait_s=config.lease_wait_s,
+            ) as writer:  # fmt: skip
+                summary.rolled_forward = len(writer.recovered)
+                if writer.recovered:
+                    console.print(
+                        f"finished committing {len(writer.recovered)} chunk(s) an earlier run left half done"
+                    )
+                clean_scratch(storage.join_uri(root, SCRATCH))
+                if _committed_since(plan, root):  # a run committed while this one waited for the lease
+                    plan = plan_night(
+                        config.corpus, refs, root, _plan_uri(plans, job_run_id), **_planning(config)
+                    )
+                summary.skipped = plan.skipped
+                if plan.todo:
+                    models = load_models(refs, tracking_uri)
+                    tag_in_chunks(plan, models, writer, config, summary)
+            summary.commit_s = writer.commit_seconds
+    finally:
+        for folder in _own_plans(plans, job_run_id):
+            storage.remove(folder, recursive=True)
     summary.seconds = time.perf_counter() - started
     summary.mlflow_run_id = record_run(config, summary, refs, models, tracking_uri)
     print_summary(summary, root)
@@ -84,7 +92,35 @@ def main(config: TagConfig) -> TagSummary:
 
 
 def _planning(config: TagConfig) -> dict[str, Any]:
-    return {"full": config.full, "max_attempts": config.max_attempts, "retry_errors": config.retry_errors}
+    return {"full": config.full, "max_attempts": config.max_attempts, "retry_errors": config.retry_errors,
+            "part_videos": PART_VIDEOS}  # fmt: skip
+
+
+def _plan_uri(plans: str, job_run_id: str) -> str:
+    """A fresh folder for one planning pass; its name starts with the time, so stale ones can be told."""
+    return storage.join_uri(plans, f"{int(time.time())}-{job_run_id}-{uuid.uuid4().hex[:6]}")
+
+
+def _own_plans(plans: str, job_run_id: str) -> list[str]:
+    return [p for p in storage.list_children(plans) if f"-{job_run_id}-" in p.rsplit("/", 1)[-1]]
+
+
+def clean_scratch(scratch: str, stale_s: float = STALE_PLAN_S) -> None:
+    """Remove what runs that died left in scratch (under the lease, no other run writes chunks there); plans
+    are written before the lease, so only those older than `stale_s` go."""
+    for child in storage.list_children(scratch):
+        if child.rsplit("/", 1)[-1] != PLANS:
+            storage.remove(child, recursive=True)
+    for plan in storage.list_children(storage.join_uri(scratch, PLANS)):
+        created = plan.rsplit("/", 1)[-1].split("-", 1)[0]
+        if created.isdigit() and time.time() - int(created) > stale_s:
+            storage.remove(plan, recursive=True)
+
+
+def _committed_since(plan: NightPlan, tables_uri: str) -> bool:
+    if plan.snapshot is None:
+        return storage.exists(tables_uri) and tables.read_snapshot(tables_uri).run_id is not None
+    return tables.read_snapshot(tables_uri).versions != plan.snapshot.versions
 
 
 def _has_pending_chunks(tables_uri: str) -> bool:
@@ -102,34 +138,31 @@ def tag_in_chunks(
     config: TagConfig,
     summary: TagSummary,
 ) -> None:
-    """Decode, predict and commit `plan.todo` chunk by chunk, adding what each did to `summary`."""
-    from jobs.runtime import init_ray
-
+    """Decode, predict and commit the planned videos chunk by chunk, adding what each did to `summary`."""
     clip_config = tagging_clip_config([m.spec for m in models], config.stride, config.decoder)
-    init_ray(config.ray_address)
-    scratch = storage.join_uri(writer.tables_uri, SCRATCH)
-    storage.remove(scratch, recursive=True)  # left by runs that died: only a lease holder writes there
-    todo = plan.todo
-    count = -(-len(todo) // config.commit_every)
-    for index in range(count):
-        chunk = todo[index * config.commit_every : (index + 1) * config.commit_every]
-        errors_uri = storage.join_uri(scratch, writer.job_run_id, f"chunk-{index + 1}")
-        result = run_inference(chunk, models, clip_config, config.predict, errors_uri, progress=console.print)
+    scratch = storage.join_uri(writer.tables_uri, SCRATCH, writer.job_run_id)
+    chunks = plan.chunks(config.commit_every, config.max_videos)
+    for index, parts in enumerate(chunks):
+        chunk = ChunkPlan.read(parts, models)
+        errors_uri = storage.join_uri(scratch, f"chunk-{index + 1}")
+        result = run_inference(
+            chunk.videos, models, clip_config, config.predict, errors_uri, progress=console.print
+        )
         per_video = summaries(result, models, config.aggregate)
-        rows = chunk_rows(chunk, plan, models, result, per_video, config.aggregate, writer.run_date)
-        committed = writer.write_chunk(rows, replace=config.full, remove=plan.removals(chunk))
+        rows = chunk_rows(chunk, models, result, per_video, config.aggregate, writer.run_date)
+        committed = writer.write_chunk(rows, replace=config.full, remove=chunk.removals())
         storage.remove(errors_uri, recursive=True)
         if index == 0:
             summary.startup_s, summary.steady_clips_per_s = result.first_batch_s, result.steady_clips_per_s
-        summary.decoded += [v.video_id for v in chunk]
-        summary.tagged += len(chunk) - len(result.failed)
+        summary.decoded += len(chunk.videos)
+        summary.tagged += len(chunk.videos) - len(result.failed)
         summary.failed += len(result.failed)
-        summary.retried += len(plan.retried_videos.intersection(v.video_id for v in chunk))
+        summary.retried += len(chunk.retried_videos)
         summary.clips += result.clips
         summary.chunks += 1
         for name, n in (committed.rows if committed else {}).items():
             summary.rows[name] = summary.rows.get(name, 0) + n
         count_top_labels(per_video, models, summary.label_counts)
-        if count > 1:
-            console.print(f"chunk {index + 1}/{count} committed: {len(chunk)} videos")
+        if len(chunks) > 1:
+            console.print(f"chunk {index + 1}/{len(chunks)} committed: {len(chunk.videos)} videos")
     storage.remove(scratch, recursive=True)

@@ -44,6 +44,7 @@ class TagConfig:
     lease_wait_s: float | None = None
     max_attempts: int = 3
     retry_errors: bool = False
+    max_videos: int | None = None
 
     def __post_init__(self) -> None:
         from jobs.tracking import parse_model_uri
@@ -66,6 +67,7 @@ class TagConfig:
             ("lease_ttl_s", self.lease_ttl_s > 0, "must be > 0"),
             ("lease_wait_s", self.lease_wait_s is None or self.lease_wait_s >= 0, "must be >= 0"),
             ("max_attempts", self.max_attempts >= 1, "must be >= 1"),
+            ("max_videos", self.max_videos is None or self.max_videos >= 1, "must be >= 1"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -85,7 +87,7 @@ class TagSummary:
     retried: int = 0  # videos whose earlier error rows this run retried
     clips: int = 0
     seconds: float = 0.0
-    decoded: list[str] = field(default_factory=list)  # video_ids sent to the decoder
+    decoded: int = 0  # videos sent to the decoder
     rows: dict[str, int] = field(default_factory=dict)
     chunks: int = 0
     rolled_forward: int = 0  # chunks of earlier runs this run finished committing

@@ -1,4 +1,9 @@
-"""What a night has left to do, per the committed tables.
+"""What a night has left to do, planned in Ray so that no process holds the corpus or its history.
+
+Ray tasks list the corpus (`flows.listing`) and read the committed keys of the run's model versions from the
+tables (`ray.data.read_delta` at the snapshot's versions); one group-by on `video_id` decides each listed
+video, and the videos to do are written as Parquet parts in scratch. The driver keeps only the parts' list
+and reads one chunk of them at a time.
 
 A (video, model version) is done when it has prediction rows, or an error row that stands: a permanent
 failure, or a transient one that has failed `max_attempts` times. A transient error row with attempts left
@@ -9,17 +14,85 @@ replaces the error row (and the rows of a partly tagged video) with the new outc
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+import functools
+import json
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
-from flows import storage, tables
+from flows import delta, storage, tables
 from flows.clips import VideoRow
+from flows.listing import list_range, name_ranges
 from flows.table_files import key_schema
 
 Key = tuple[str, str, str]  # (video_id, model_name, model_version)
+# Every source of the group-by in one schema: a listed object, or a committed `videos` row, prediction key
+# or error row of one of the run's models (`model` indexes them).
+FACTS = pa.schema([
+    ("video_id", pa.string()), ("kind", pa.string()), ("model", pa.int32()), ("uri", pa.string()),
+    ("size_bytes", pa.int64()), ("etag", pa.string()), ("transient", pa.bool_()), ("attempts", pa.int32()),
+    ("first_seen", delta.TIMESTAMP),
+])  # fmt: skip
+LISTED, VIDEO, TAGGED, ERROR = "listed", "video", "tagged", "error"
+# A planned video: `models` the indexes of the run's models still to do ("0,2"), `retries` the error rows it
+# retries as JSON ({model: [attempts, first_seen, has_predictions]}).
+TODO = pa.schema([
+    ("video_id", pa.string()), ("uri", pa.string()), ("size_bytes", pa.int64()), ("etag", pa.string()),
+    ("models", pa.string()), ("new_video", pa.bool_()), ("retries", pa.string()),
+])  # fmt: skip
+ROWS_PER_BUCKET = 1_000_000  # committed rows per shuffle bucket: bounds what one planning task holds
+PART_STATS = pa.schema([("path", pa.string()), ("videos", pa.int64()), ("listed", pa.int64()),
+                        ("retried", pa.int64())])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Part:
+    """Planned videos in scratch: rows [offset, offset + videos) of a Parquet file."""
+
+    path: str
+    videos: int
+    offset: int = 0
+
+
+@dataclass
+class NightPlan:
+    """The parts holding the videos a night tags, and what planning counted."""
+
+    parts: list[Part]
+    listed: int
+    retried: int  # videos with an error row to retry
+    snapshot: tables.Snapshot | None = None  # the committed state it was planned against
+
+    @property
+    def todo(self) -> int:
+        return sum(p.videos for p in self.parts)
+
+    @property
+    def skipped(self) -> int:
+        return self.listed - self.todo
+
+    def chunks(self, commit_every: int, max_videos: int | None = None) -> list[list[Part]]:
+        """The planned videos in chunks of `commit_every` (the last one may be smaller), the night capped at
+        `max_videos`; a part may be split between two chunks."""
+        out: list[list[Part]] = []
+        left = self.todo if max_videos is None else min(max_videos, self.todo)
+        room = 0
+        for part in self.parts:
+            offset = 0
+            while offset < part.videos and left > 0:
+                if room == 0:
+                    out.append([])
+                    room = commit_every
+                take = min(part.videos - offset, room, left)
+                out[-1].append(Part(part.path, take, part.offset + offset))
+                offset, room, left = offset + take, room - take, left - take
+        return out
 
 
 @dataclass(frozen=True)
@@ -33,24 +106,43 @@ class EarlierError:
 
 
 @dataclass
-class NightPlan:
-    """The videos a night decodes and, per video, which of the run's models still need its rows."""
+class ChunkPlan:
+    """One chunk's videos and, per video, which of the run's models still need its rows."""
 
-    todo: list[VideoRow]
+    videos: list[VideoRow]
     models_todo: dict[str, tuple[int, ...]]  # video_id → indexes into the run's models
     new_videos: set[str]  # video ids that have no `videos` row yet
-    skipped: int
     retries: dict[Key, EarlierError] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, parts: Sequence[Part], refs: Sequence[Any]) -> ChunkPlan:
+        """The chunk of planned videos in `parts`."""
+        rows = []
+        for part in parts:
+            fs, path = storage.arrow_filesystem(part.path)
+            table = pq.read_table(path, filesystem=fs, schema=TODO)
+            rows += table.slice(part.offset, part.videos).to_pylist()
+        plan = cls([], {}, set())
+        for row in rows:
+            vid = row["video_id"]
+            plan.videos.append(VideoRow(vid, row["uri"], row["size_bytes"], row["etag"]))
+            plan.models_todo[vid] = tuple(int(i) for i in row["models"].split(","))
+            if row["new_video"]:
+                plan.new_videos.add(vid)
+            for model, (attempts, first_seen, partial) in json.loads(row["retries"] or "{}").items():
+                m = refs[int(model)]
+                seen = dt.datetime.fromisoformat(first_seen) if first_seen else None
+                plan.retries[(vid, m.name, str(m.version))] = EarlierError(attempts, seen, partial)
+        return plan
 
     @property
     def retried_videos(self) -> set[str]:
         """Videos with an error row this night retries (their `videos` row is rewritten)."""
         return {video_id for video_id, _, _ in self.retries}
 
-    def removals(self, videos: Iterable[VideoRow]) -> dict[str, pa.Table]:
-        """Per table, the keys of earlier rows that the rows of `videos` (a chunk of `todo`) replace."""
-        ids = {v.video_id for v in videos}
-        retried = [key for key in self.retries if key[0] in ids]
+    def removals(self) -> dict[str, pa.Table]:
+        """Per table, the keys of earlier rows that this chunk's rows replace."""
+        retried = list(self.retries)
         if not retried:
             return {}
         partial = [key for key in retried if self.retries[key].has_predictions]
@@ -61,61 +153,218 @@ class NightPlan:
 
 
 def plan_night(
-    videos: Sequence[VideoRow],
+    corpus: str,
     refs: Sequence[Any],
     tables_uri: str,
+    parts_uri: str,
     *,
     full: bool = False,
     max_attempts: int = 3,
     retry_errors: bool = False,
+    part_videos: int = 10_000,
 ) -> NightPlan:
-    """What is left to do for the model versions `refs` (anything with `.name` and `.version`): with `full`,
-    everything (the chunks replace earlier rows by key); else what the committed tables do not settle."""
-    everyone = tuple(range(len(refs)))
-    if full or not storage.exists(tables_uri):
-        return NightPlan(
-            list(videos), {v.video_id: everyone for v in videos}, {v.video_id for v in videos}, 0
-        )
-    snapshot = tables.read_snapshot(tables_uri)
-    tagged = tables.tagged_keys(tables_uri, snapshot)
-    settled, retries = _error_rows(tables_uri, snapshot, tagged, max_attempts, retry_errors)
-    done = tagged | settled
-    known = {vid for (vid,) in tables.committed_keys(tables_uri, "videos", tables.VIDEO_KEY, snapshot)}
-    todo, models_todo, retried = [], {}, {}
-    for video in videos:
-        keys = [(video.video_id, m.name, str(m.version)) for m in refs]
-        left = tuple(i for i, key in enumerate(keys) if key in retries or key not in done)
-        if left:
-            todo.append(video)
-            models_todo[video.video_id] = left
-            retried.update({keys[i]: retries[keys[i]] for i in left if keys[i] in retries})
-    new = {v.video_id for v in todo} - known
-    return NightPlan(todo, models_todo, new, len(videos) - len(todo), retried)
+    """Plan in Ray what is left to do for the model versions `refs` (anything with `.name` and `.version`),
+    writing the planned videos under `parts_uri` in parts of at most `part_videos`. With `full`, everything
+    is planned (the chunks replace earlier rows by key).
 
-
-def _error_rows(
-    tables_uri: str,
-    snapshot: tables.Snapshot,
-    tagged: set[Key],
-    max_attempts: int,
-    retry_errors: bool,
-) -> tuple[set[Key], dict[Key, EarlierError]]:
-    """The committed error rows split into those that stand (the night skips them) and those it retries.
-
-    A row without `transient` (written before errors were classified) counts as permanent, one without
-    `attempts` as one attempt.
+    Two rounds of Ray tasks, a shuffle through storage: the first lists the corpus's name ranges and reads
+    the committed tables' files (key columns only), sorting every row into a bucket by video_id; the second
+    decides each bucket's videos and writes their parts. Ray Data's own group-by costs seconds a night
+    however small the night is (aggregator actors, or a sampling pass).
     """
-    columns = [*tables.PREDICTION_KEY, "transient", "attempts", "first_seen"]
-    settled: set[Key] = set()
-    retries: dict[Key, EarlierError] = {}
-    for row in tables.read_table(tables_uri, "errors", columns, snapshot).to_pylist():
-        key = (row["video_id"], row["model_name"], row["model_version"])
-        attempts = row["attempts"] or 1
-        if retry_errors or (row["transient"] and attempts < max_attempts):
-            retries[key] = EarlierError(attempts, row["first_seen"], key in tagged)
-        else:
-            settled.add(key)
-    return settled, retries
+    import ray
+    import ray.data
+
+    models = [(m.name, str(m.version)) for m in refs]
+    snapshot = tables.read_snapshot(tables_uri) if not full and storage.exists(tables_uri) else None
+    work = [{"source": corpus, "kind": LISTED, "lo": lo, "hi": hi} for lo, hi in name_ranges(corpus)]
+    rows = 0
+    for name in ("videos", *tables.PREDICTION_TABLES, "errors") if snapshot is not None else ():
+        version = snapshot.versions.get(name)
+        table = None if version is None else tables.open_table(snapshot.tables_uri, name, version)
+        if table is None:
+            continue
+        rows += sum(pa.table(table.get_add_actions(flatten=True)).column("num_records").to_pylist())
+        kind = {"videos": VIDEO, "errors": ERROR}.get(name, TAGGED)
+        work += [{"source": uri, "kind": kind, "lo": name, "hi": None} for uri in table.file_uris()]
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    buckets = max(2 * cpus, rows // ROWS_PER_BUCKET + 1)
+    facts_uri = storage.join_uri(parts_uri, "facts")
+    sort = functools.partial(_sort_into_buckets, models=models, facts_uri=facts_uri, buckets=buckets)
+    ray.data.from_items(work, override_num_blocks=min(len(work), 4 * cpus)).map_batches(
+        sort, batch_format="pyarrow", batch_size=None
+    ).materialize()
+    decide = functools.partial(
+        _plan_bucket, facts_uri=facts_uri, parts_uri=parts_uri, part_videos=part_videos,
+        n_models=len(models), max_attempts=max_attempts, retry_errors=retry_errors,
+    )  # fmt: skip
+    bucket_items = [{"bucket": b} for b in range(buckets)]
+    stats = (
+        ray.data.from_items(bucket_items, override_num_blocks=min(buckets, 4 * cpus))
+        .map_batches(decide, batch_format="pyarrow", batch_size=None)
+        .take_all()
+    )
+    storage.remove(facts_uri, recursive=True)
+    parts = sorted((Part(s["path"], s["videos"]) for s in stats if s["path"]), key=lambda p: p.path)
+    listed, retried = sum(s["listed"] for s in stats), sum(s["retried"] for s in stats)
+    return NightPlan(parts, listed, retried, snapshot)
+
+
+# --- in Ray tasks ---------------------------------------------------------------------------------------
+
+
+def _sort_into_buckets(
+    work: pa.Table, models: list[tuple[str, str]], facts_uri: str, buckets: int
+) -> pa.Table:
+    """List name ranges and read committed files (the `work` items of a block) as FACTS rows, written into
+    one file per bucket of video_id."""
+    pending: list[pa.Table] = []
+    size = 0
+    for item in work.to_pylist():
+        for facts in _facts(item, models):
+            pending.append(facts)
+            size += facts.num_rows
+            if size >= ROWS_PER_BUCKET:
+                _write_buckets(pa.concat_tables(pending), facts_uri, buckets)
+                pending, size = [], 0
+    if pending:
+        _write_buckets(pa.concat_tables(pending), facts_uri, buckets)
+    return pa.table({"rows": [size]})
+
+
+def _facts(item: dict[str, Any], models: list[tuple[str, str]]) -> Iterator[pa.Table]:
+    if item["kind"] == LISTED:
+        for block in list_range(item["source"], item["lo"], item["hi"]):
+            yield _listed_facts(block)
+        return
+    name = item["lo"]
+    columns = ["video_id"] if item["kind"] == VIDEO else [*tables.PREDICTION_KEY]
+    if item["kind"] == ERROR:
+        columns += ["transient", "attempts", "first_seen"]
+    fs, path = storage.arrow_filesystem(item["source"])
+    # Through a dataset with the table's schema: a file written before a column was added reads it as nulls.
+    rows = ds.dataset(path, filesystem=fs, schema=tables.file_schema(name), format="parquet").to_table(
+        columns=columns
+    )
+    yield _table_facts(rows, item["kind"], models)
+
+
+def _write_buckets(facts: pa.Table, facts_uri: str, buckets: int) -> None:
+    bucket = pa.array([int(v[:8], 16) % buckets for v in facts["video_id"].to_pylist()], pa.int32())
+    for b in range(buckets):
+        rows = facts.filter(pc.equal(bucket, b))
+        if rows.num_rows:
+            uri = storage.join_uri(facts_uri, f"b{b}", f"{uuid.uuid4().hex}.parquet")
+            storage.makedirs(uri.rsplit("/", 1)[0])
+            fs, path = storage.arrow_filesystem(uri)
+            pq.write_table(rows, path, filesystem=fs)
+
+
+def _plan_bucket(items: pa.Table, facts_uri: str, n_models: int, max_attempts: int, retry_errors: bool,
+                 parts_uri: str, part_videos: int) -> pa.Table:  # fmt: skip
+    """Decide the videos of some buckets and write the planned ones as parts; PART_STATS rows."""
+    out = []
+    for bucket in items["bucket"].to_pylist():
+        folder = storage.join_uri(facts_uri, f"b{bucket}")
+        files = storage.list_files(folder) if storage.exists(folder) else []
+        if not files:
+            continue
+        facts = pa.concat_tables([_read_parquet(f, FACTS) for f in files])
+        planned = _decide(facts, n_models=n_models, max_attempts=max_attempts, retry_errors=retry_errors)
+        out.append(_write_parts(planned, parts_uri, part_videos))
+    return pa.concat_tables(out) if out else PART_STATS.empty_table()
+
+
+def _read_parquet(uri: str, schema: pa.Schema) -> pa.Table:
+    fs, path = storage.arrow_filesystem(uri)
+    return pq.read_table(path, filesystem=fs, schema=schema)
+
+
+def _listed_facts(batch: pa.Table) -> pa.Table:
+    n = batch.num_rows
+    return pa.table({
+        "video_id": batch["video_id"], "kind": pa.array([LISTED] * n), "model": pa.nulls(n, pa.int32()),
+        "uri": batch["uri"], "size_bytes": batch["size_bytes"], "etag": batch["etag"],
+        "transient": pa.nulls(n, pa.bool_()), "attempts": pa.nulls(n, pa.int32()),
+        "first_seen": pa.nulls(n, delta.TIMESTAMP),
+    }, schema=FACTS)  # fmt: skip
+
+
+def _table_facts(batch: pa.Table, kind: str, models: list[tuple[str, str]]) -> pa.Table:
+    """Committed rows as FACTS: only the run's models, and one row per prediction key."""
+    n = batch.num_rows
+    if kind == VIDEO:
+        model = pa.nulls(n, pa.int32())
+    else:
+        index = {m: i for i, m in enumerate(models)}
+        pairs = zip(batch["model_name"].to_pylist(), batch["model_version"].to_pylist(), strict=True)
+        model = pa.array([index.get(pair) for pair in pairs], pa.int32())
+    columns = {name: batch[name] if name in batch.column_names else pa.nulls(n, FACTS.field(name).type)
+               for name in FACTS.names if name not in ("kind", "model")}  # fmt: skip
+    facts = (
+        pa.table({**columns, "kind": pa.array([kind] * n), "model": model}).select(FACTS.names).cast(FACTS)
+    )
+    if kind != VIDEO:
+        facts = facts.filter(pc.is_valid(facts["model"]))
+    if kind != TAGGED:
+        return facts
+    keys = facts.group_by(["video_id", "model"]).aggregate([])  # a video has many rows per model: one will do
+    return pa.table({name: keys[name] if name in ("video_id", "model") else pa.array([TAGGED] * keys.num_rows)
+                     if name == "kind" else pa.nulls(keys.num_rows, FACTS.field(name).type)
+                     for name in FACTS.names}, schema=FACTS)  # fmt: skip
+
+
+def _decide(facts: pa.Table, n_models: int, max_attempts: int, retry_errors: bool) -> pa.Table:
+    """The facts of some videos → a TODO row (plus `listed`) per listed object; `models` is null when the
+    video has nothing left to do."""
+    by_video: dict[str, list[dict[str, Any]]] = {}
+    for row in facts.to_pylist():
+        by_video.setdefault(row["video_id"], []).append(row)
+    out = []
+    for vid, known in by_video.items():
+        listed = next((r for r in known if r["kind"] == LISTED), None)
+        if listed is None:  # committed, but no longer in the corpus
+            continue
+        tagged = {r["model"] for r in known if r["kind"] == TAGGED}
+        done, retries = set(tagged), {}
+        for r in known:
+            if r["kind"] != ERROR:
+                continue
+            attempts = r["attempts"] or 1
+            if retry_errors or (r["transient"] and attempts < max_attempts):
+                seen = r["first_seen"].isoformat() if r["first_seen"] else None
+                retries[str(r["model"])] = [attempts, seen, r["model"] in tagged]
+            else:
+                done.add(r["model"])
+        left = [i for i in range(n_models) if i not in done or str(i) in retries]
+        out.append({
+            "video_id": vid, "uri": listed["uri"], "size_bytes": listed["size_bytes"], "etag": listed["etag"],
+            "models": ",".join(map(str, left)) if left else None,
+            "new_video": not any(r["kind"] == VIDEO for r in known),
+            "retries": json.dumps(retries) if retries else None,
+        })  # fmt: skip
+    return pa.Table.from_pylist(out, schema=TODO)
+
+
+def _write_parts(batch: pa.Table, parts_uri: str, part_videos: int) -> pa.Table:
+    """Write the planned videos of `batch` (TODO rows, `models` null when nothing is left) as parts of at most
+    `part_videos`; returns a PART_STATS row per part, and one counting the listed objects."""
+    todo = batch.filter(pc.is_valid(batch["models"])).select(TODO.names)
+    paths, videos, retried = [], [], []
+    for offset in range(0, todo.num_rows, part_videos):
+        part = todo.slice(offset, part_videos)
+        uri = storage.join_uri(parts_uri, f"part-{uuid.uuid4().hex}.parquet")
+        fs, path = storage.arrow_filesystem(uri)
+        storage.makedirs(parts_uri)
+        pq.write_table(part, path, filesystem=fs)
+        paths.append(uri)
+        videos.append(part.num_rows)
+        retried.append(int(pc.sum(pc.is_valid(part["retries"]).cast(pa.int64())).as_py() or 0))
+    listed = [0] * len(paths) + [batch.num_rows]
+    return pa.table(
+        {"path": [*paths, None], "videos": [*videos, 0], "listed": listed, "retried": [*retried, 0]},
+        schema=PART_STATS,
+    )
 
 
 def _keys(rows: Sequence[tuple[str, ...]], columns: Sequence[str] = tables.PREDICTION_KEY) -> pa.Table:

@@ -13,6 +13,7 @@ from flows.aggregate import VideoSummary
 from jobs.registered import RegisteredModel
 from jobs.runtime import console
 from jobs.tag.config import TagConfig, TagSummary
+from jobs.tag.plan import NightPlan
 
 if TYPE_CHECKING:
     from jobs.tracking import ModelRef
@@ -52,12 +53,13 @@ def record_run(
     params = {"corpus": storage.canonical_uri(config.corpus), "tables": tables.root_uri(config.tables),
               "models": ",".join(ref.uri for ref in refs), "run_date": summary.run_date.isoformat(),
               "full": str(config.full), "batch_size": str(config.predict.batch_size),
-              "commit_every": str(config.commit_every), "max_attempts": str(config.max_attempts),
+              "commit_every": str(config.commit_every), "max_videos": str(config.max_videos),
+              "max_attempts": str(config.max_attempts),
               "retry_errors": str(config.retry_errors)}  # fmt: skip
     client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
     metrics = {"videos_listed": summary.listed, "videos_tagged": summary.tagged,
                "videos_skipped": summary.skipped, "videos_failed": summary.failed,
-               "videos_retried": summary.retried, "clips": summary.clips,
+               "videos_retried": summary.retried, "videos_decoded": summary.decoded, "clips": summary.clips,
                "clips_per_s": summary.clips_per_s, "seconds": summary.seconds, "chunks": summary.chunks,
                "commit_s": summary.commit_s, "startup_s": summary.startup_s,
                "steady_clips_per_s": summary.steady_clips_per_s,
@@ -86,6 +88,14 @@ def label_distribution_figure(counts: dict[str, Counter[str]]) -> Any:
         ax.set_title(title, fontsize=10, loc="left")
         ax.set_xlabel("videos (top-1 label)")
     return fig
+
+
+def print_plan(plan: NightPlan, corpus: str) -> None:
+    """What planning found: listed, to tag (retries among them), already done."""
+    retrying = f" (retrying the errors of {plan.retried})" if plan.retried else ""
+    console.print(
+        f"{plan.listed} videos under {corpus}: {plan.todo} to tag{retrying}, {plan.skipped} already tagged"
+    )
 
 
 def print_summary(summary: TagSummary, tables_uri: str) -> None:

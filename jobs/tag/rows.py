@@ -10,16 +10,14 @@ import pyarrow as pa
 
 from flows import tables
 from flows.aggregate import AggregateConfig, VideoSummary, table_rows
-from flows.clips import VideoRow
 from flows.inference import INFO_COLUMNS, Inference
 from flows.media import is_transient
 from jobs.registered import RegisteredModel
-from jobs.tag.plan import NightPlan
+from jobs.tag.plan import ChunkPlan
 
 
 def chunk_rows(
-    videos: Sequence[VideoRow],
-    plan: NightPlan,
+    plan: ChunkPlan,
     models: Sequence[RegisteredModel],
     result: Inference,
     per_video: dict[str, list[VideoSummary]],
@@ -35,7 +33,7 @@ def chunk_rows(
         errors.setdefault(e["video_id"], e)
     now = dt.datetime.now(dt.timezone.utc)
     rewritten = plan.new_videos | plan.retried_videos
-    for video in videos:
+    for video in plan.videos:
         vid = video.video_id
         error = errors.get(vid)
         has_clips = vid in per_video
