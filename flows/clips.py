@@ -410,11 +410,16 @@ def _clip_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.table(columns)
 
 
+# A decode task reserves 0.9 of a CPU and a CPU inference actor 0.1 (flows.predict): a node with C CPUs
+# runs C decode tasks next to up to C actors, and neither ever lands on a head node that declares 0 CPUs.
+DECODE_TASK_CPUS = 0.9
+
+
 def clip_dataset(
     videos: Any,
     config: ClipConfig,
     errors_uri: str,
-    num_cpus: float = 1.0,
+    num_cpus: float = DECODE_TASK_CPUS,
     decode_fn: DecodeFn = decode_video,
 ) -> Any:
     """Ray Dataset of video rows → lazy Ray Dataset of clip rows; failures go to `errors_uri`.

@@ -24,6 +24,7 @@ INPUT_COLUMNS = ("frames", "audio", "text")
 STEPS_SUFFIX = "_steps"
 
 ModelLoader = Callable[[], Any]
+CPU_ACTOR_CPUS = 0.1  # see DECODE_TASK_CPUS in flows.clips
 
 
 def output_column(model_index: int, key: str) -> str:
@@ -35,11 +36,13 @@ def output_column(model_index: int, key: str) -> str:
 class PredictConfig:
     """How the inference stage runs.
 
-    `use_gpu=None` uses GPU actors when the cluster has GPUs. `concurrency` is the most actors (default:
-    one per GPU, or `cpu_actors` on CPU, by default one per cluster CPU); Ray Data starts one and adds
-    more while the pool is busy. `num_cpus` is reserved per actor: by default 1 for a GPU actor (to feed
-    it) and 0 for a CPU actor, so that decode tasks may take every core and the actors' torch `threads`
-    (default 1) use what decoding leaves (Ray Data's backpressure pauses decoding while clips queue up).
+    `use_gpu=None` uses GPU actors when the cluster has GPUs now; `True` requests GPUs whether or not a GPU
+    node is up yet, so an autoscaler adds one. `concurrency` is the most actors (default: one per GPU, or
+    `cpu_actors` on CPU, by default one per cluster CPU) and `min_actors` the fewest; Ray Data starts
+    `min_actors` and adds more while the pool is busy. `num_cpus` is reserved per actor: by default 1 for a
+    GPU actor (to feed it) and 0.1 for a CPU actor, so that decode tasks (0.9 each) may take every core and
+    the actors' torch `threads` (default 1) use what decoding leaves (Ray Data's backpressure pauses
+    decoding while clips queue up), while no actor can be placed on a head that declares 0 CPUs.
     One single-threaded actor per core beats one actor with a thread per core (no intra-op barriers).
     `memory_gb` is reserved per actor for its models and batches; that resource shape, unlike the decode
     tasks', also keeps Ray Data from fusing decoding into the actors, so the two stages run (and scale)
@@ -48,6 +51,7 @@ class PredictConfig:
 
     batch_size: int = 16
     concurrency: int | None = None
+    min_actors: int = 1
     use_gpu: bool | None = None
     num_cpus: float | None = None
     cpu_actors: int | None = None
@@ -58,6 +62,12 @@ class PredictConfig:
         checks = [
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("concurrency", self.concurrency is None or self.concurrency >= 1, "must be >= 1"),
+            ("min_actors", self.min_actors >= 1, "must be >= 1"),
+            (
+                "min_actors",
+                self.concurrency is None or self.min_actors <= self.concurrency,
+                f"must be <= the most actors ({self.concurrency})",
+            ),
             ("num_cpus", self.num_cpus is None or self.num_cpus >= 0, "must be >= 0"),
             ("cpu_actors", self.cpu_actors is None or self.cpu_actors >= 1, "must be >= 1"),
             ("threads", self.threads is None or self.threads >= 1, "must be >= 1"),
@@ -151,25 +161,34 @@ def predict_dataset(
     plus one column per model output)."""
     if not loaders:
         raise ValueError("predict: give at least one model")
-    use_gpu = config.runs_on_gpu()
-    import ray.data
-
-    if use_gpu:
-        actors = config.concurrency or max(1, int(ray.cluster_resources().get("GPU", 1)))
-    else:
-        actors = config.concurrency or config.cpu_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    num_cpus = config.num_cpus if config.num_cpus is not None else (1.0 if use_gpu else 0.0)
+    options = pool_options(config)
     return clips.map_batches(
         ClipPredictor,
         fn_constructor_kwargs={
             "loaders": list(loaders),
-            "use_gpu": use_gpu,
-            "threads": config.threads or max(1, round(num_cpus)),
+            "use_gpu": options["num_gpus"] > 0,
+            "threads": config.threads or max(1, round(options["num_cpus"])),
         },
         batch_size=config.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=num_cpus,
-        memory=int(config.memory_gb * 2**30),
+        **options,
     )
+
+
+def pool_options(config: PredictConfig) -> dict[str, Any]:
+    """Ray Data `map_batches` options of the inference actor pool: its size and what each actor reserves."""
+    import ray
+    import ray.data
+
+    use_gpu = config.runs_on_gpu()
+    if use_gpu:
+        actors = config.concurrency or max(1, int(ray.cluster_resources().get("GPU", 1)))
+    else:
+        actors = config.concurrency or config.cpu_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    num_cpus = config.num_cpus if config.num_cpus is not None else (1.0 if use_gpu else CPU_ACTOR_CPUS)
+    return {
+        "compute": ray.data.ActorPoolStrategy(min_size=min(config.min_actors, actors), max_size=actors),
+        "num_gpus": 1 if use_gpu else 0,
+        "num_cpus": num_cpus,
+        "memory": int(config.memory_gb * 2**30),
+    }

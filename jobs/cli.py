@@ -96,7 +96,11 @@ def _clips(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.what == "tag":
+    if args.what == "scale":
+        from jobs import bench_scale
+
+        bench_scale.main(bench_scale.BenchScaleConfig(**({"objects": args.objects} if args.objects else {})))
+    elif args.what == "tag":
         from jobs import bench_tag
 
         kwargs = {"videos": args.videos} if args.videos else {}
@@ -171,11 +175,25 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def actor_range(text: str) -> tuple[int, int]:
+    """`--actors`: "MIN:MAX" or "N" (1 to N)."""
+    fewest, _, most = text.rpartition(":") if ":" in text else ("1", ":", text)
+    try:
+        low, high = int(fewest), int(most)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--actors {text!r}: expected MIN:MAX or N, like 1:4") from None
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"--actors {text!r}: need 1 <= MIN <= MAX")
+    return low, high
+
+
 def _tag(args: argparse.Namespace) -> int:
     from flows.predict import PredictConfig
     from jobs import tag
 
-    predict = PredictConfig(batch_size=args.batch_size, concurrency=args.actors)
+    fewest, most = args.actors or (1, None)
+    gpus = {"auto": None, "true": True, "false": False}[args.gpus]
+    predict = PredictConfig(batch_size=args.batch_size, concurrency=most, min_actors=fewest, use_gpu=gpus)
     lease = {"lease_ttl_s": args.lease_ttl} if args.lease_ttl is not None else {}
     config = tag.TagConfig(
         corpus=args.corpus,
@@ -191,6 +209,7 @@ def _tag(args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts,
         retry_errors=args.retry_errors,
         max_videos=args.max_videos,
+        commit_minutes=args.commit_minutes,
         **lease,
     )
     summary = tag.main(config)
@@ -262,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_clips)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios against a limit or a peer")
-    p.add_argument("what", choices=("models", "decode", "train", "tag"))
+    p.add_argument("what", choices=("models", "decode", "train", "tag", "scale"))
     p.add_argument("--batch-size", type=int, default=8, help="models: clips per forward pass")
     p.add_argument("--models", help="models: comma-separated names")
     p.add_argument("--threads", type=int, help="models: torch threads (default: torch's own)")
@@ -271,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clips", type=int, help="train: pre-decoded clips per epoch")
     p.add_argument("--workers", type=int, help="train: Ray Train workers (1 torch thread each)")
     p.add_argument("--gpu", action="store_true", help="train: one GPU per worker, and for the plain loop")
+    p.add_argument("--objects", type=int, help="scale: listed objects N of the smaller catalog (then 10×N)")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("train", help="train a model with Ray Train, tracked and registered in MLflow")
@@ -320,9 +340,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--stride", type=int, help="frames between window starts (default: the clip length)")
     p.add_argument("--batch-size", type=int, default=16, help="clips per inference batch")
-    p.add_argument("--actors", type=int, help="inference actors (default: one per GPU, else 1)")
+    p.add_argument(
+        "--actors", type=actor_range, metavar="MIN:MAX",
+        help="inference actors: the pool starts with MIN and grows to MAX while busy (N: 1 to N; default: up "
+        "to one per GPU, or one per CPU)",
+    )  # fmt: skip
+    p.add_argument(
+        "--gpus", choices=("auto", "true", "false"), default="auto",
+        help="inference on GPUs: auto (if the cluster has GPUs now), true (request them, so an autoscaler "
+        "adds GPU nodes), false",
+    )  # fmt: skip
     p.add_argument("--strict", action="store_true", help="exit 1 when any video failed")
     p.add_argument("--commit-every", type=int, default=10_000, metavar="N", help="videos per committed chunk")
+    p.add_argument(
+        "--commit-minutes", type=float, metavar="M",
+        help="also size chunks to commit about every M minutes (by the rate measured so far)",
+    )  # fmt: skip
     p.add_argument("--max-videos", type=int, metavar="N", help="tag at most N videos tonight (default: all)")
     p.add_argument(
         "--lease-wait", type=float, metavar="S",

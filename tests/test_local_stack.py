@@ -34,9 +34,28 @@ def cpu_task():
 def gpu_task():
     return ray.get_runtime_context().get_node_id()
 
+# The tag job's inference pool, with the options `reelflow tag --gpus true|false` gives it (a probe in place
+# of the model: torch here is a CPU build), and its decode tasks.
+import ray.data
+from flows.clips import DECODE_TASK_CPUS
+from flows.predict import PredictConfig, pool_options
+
+class NodeProbe:
+    def __call__(self, batch):
+        return {"node": [ray.get_runtime_context().get_node_id()] * len(batch["id"])}
+
+def pool_nodes(use_gpu):
+    rows = ray.data.range(8, override_num_blocks=8).map_batches(
+        NodeProbe, batch_size=1, **pool_options(PredictConfig(use_gpu=use_gpu, concurrency=2, memory_gb=0.1)))
+    return sorted({r["node"] for r in rows.take_all()})
+
+decode = ray.data.range(8, override_num_blocks=8).map_batches(
+    lambda b: {"node": [ray.get_runtime_context().get_node_id()] * len(b["id"])}, num_cpus=DECODE_TASK_CPUS)
 nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
 print("PLACEMENT " + json.dumps({"nodes": nodes, "cpu": ray.get([cpu_task.remote() for _ in range(8)]),
-                                 "gpu": ray.get(gpu_task.remote())}))
+                                 "gpu": ray.get(gpu_task.remote()), "gpu_pool": pool_nodes(True),
+                                 "cpu_pool": pool_nodes(False),
+                                 "decode": sorted({r["node"] for r in decode.take_all()})}))
 """
 
 
@@ -57,7 +76,8 @@ def test_cluster_sh_models_a_head_with_no_cpus_and_a_node_declaring_a_gpu(ray_se
         assert set(exports) == {"RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"}
         token = Path(exports["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
         client = JobSubmissionClient(exports["RAY_ADDRESS"], headers={"Authorization": f"Bearer {token}"})
-        job = client.submit_job(entrypoint=f"python -c {shlex.quote(PLACEMENT_JOB)}")
+        job = client.submit_job(entrypoint=f"python -c {shlex.quote(PLACEMENT_JOB)}",
+                                runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})  # fmt: skip
         status = wait_for_job(client, job)
         logs = client.get_job_logs(job)
         assert status == JobStatus.SUCCEEDED, logs
@@ -69,6 +89,9 @@ def test_cluster_sh_models_a_head_with_no_cpus_and_a_node_declaring_a_gpu(ray_se
         assert set(placed["cpu"]) <= {node for node, n in cpus.items() if n > 0}  # never on the head
         (gpu_node,) = [node for node, resources in placed["nodes"].items() if resources.get("GPU")]
         assert placed["gpu"] == gpu_node != head
+        assert placed["gpu_pool"] == [gpu_node]  # --gpus true: the inference actors are on the GPU node
+        workers = {node for node, n in cpus.items() if n > 0}
+        assert set(placed["cpu_pool"]) <= workers and set(placed["decode"]) <= workers  # never the head
     finally:
         down = subprocess.run([script, "down"], env=env, capture_output=True, text=True, timeout=120)
         shutil.rmtree(root, ignore_errors=True)

@@ -483,3 +483,15 @@ def test_max_videos_caps_a_night_and_the_next_night_continues(
     second = tag.main(_config(str(local_corpus), tables_uri, tagging_model, date="2024-05-02"))
     assert (second.decoded, second.skipped) == (5, 3)
     assert tables.read_table(tables_uri, "videos").num_rows == 8
+
+
+def test_commit_minutes_sizes_the_next_chunks_by_the_measured_rate(
+    ray_session, local_corpus, tagging_model, tmp_path
+):
+    tables_uri = str(tmp_path / "tables")
+    summary = tag.main(
+        _config(str(local_corpus), tables_uri, tagging_model, commit_every=4, commit_minutes=1e-4)
+    )
+    # The first chunk is commit_every videos; at seconds a video, a 6 ms budget makes the next ones 1 each.
+    assert (summary.chunks, summary.decoded) == (5, 8)
+    assert tables.read_table(tables_uri, "videos").num_rows == 8

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ __all__ = ["EXPERIMENT", "SCRATCH", "TagConfig", "TagSummary", "main", "tagging_
 SCRATCH = "_scratch"
 PLANS = "plans"
 PART_VIDEOS = 10_000  # planned videos per part file in scratch
+FIRST_TIMED_CHUNK = 100  # with --commit-minutes, the first chunk's size, before any rate is known
 STALE_PLAN_S = 24 * 3600.0  # a plan folder this old belongs to a run that died
 
 
@@ -141,8 +143,14 @@ def tag_in_chunks(
     """Decode, predict and commit the planned videos chunk by chunk, adding what each did to `summary`."""
     clip_config = tagging_clip_config([m.spec for m in models], config.stride, config.decoder)
     scratch = storage.join_uri(writer.tables_uri, SCRATCH, writer.job_run_id)
-    chunks = plan.chunks(config.commit_every, config.max_videos)
-    for index, parts in enumerate(chunks):
+    cursor = plan.cursor(config.max_videos)
+    size = config.commit_every if config.commit_minutes is None else FIRST_TIMED_CHUNK
+    size = min(size, config.commit_every)
+    for index in itertools.count():
+        parts = cursor.take(size)
+        if not parts:
+            break
+        chunk_started = time.perf_counter()
         chunk = ChunkPlan.read(parts, models)
         errors_uri = storage.join_uri(scratch, f"chunk-{index + 1}")
         result = run_inference(
@@ -163,6 +171,9 @@ def tag_in_chunks(
         for name, n in (committed.rows if committed else {}).items():
             summary.rows[name] = summary.rows.get(name, 0) + n
         count_top_labels(per_video, models, summary.label_counts)
-        if len(chunks) > 1:
-            console.print(f"chunk {index + 1}/{len(chunks)} committed: {len(chunk.videos)} videos")
+        if index or cursor.left:
+            console.print(f"chunk {index + 1} committed: {len(chunk.videos)} videos, {cursor.left} left")
+        if config.commit_minutes is not None:  # the next chunk should take about commit_minutes
+            rate = len(chunk.videos) / max(time.perf_counter() - chunk_started, 1e-3)
+            size = max(1, min(config.commit_every, int(rate * config.commit_minutes * 60)))
     storage.remove(scratch, recursive=True)

@@ -45,6 +45,7 @@ class TagConfig:
     max_attempts: int = 3
     retry_errors: bool = False
     max_videos: int | None = None
+    commit_minutes: float | None = None
 
     def __post_init__(self) -> None:
         from jobs.tracking import parse_model_uri
@@ -68,6 +69,7 @@ class TagConfig:
             ("lease_wait_s", self.lease_wait_s is None or self.lease_wait_s >= 0, "must be >= 0"),
             ("max_attempts", self.max_attempts >= 1, "must be >= 1"),
             ("max_videos", self.max_videos is None or self.max_videos >= 1, "must be >= 1"),
+            ("commit_minutes", self.commit_minutes is None or self.commit_minutes > 0, "must be > 0"),
         ]
         for name, ok, rule in checks:
             if not ok:

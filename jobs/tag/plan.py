@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -46,7 +47,12 @@ TODO = pa.schema([
     ("video_id", pa.string()), ("uri", pa.string()), ("size_bytes", pa.int64()), ("etag", pa.string()),
     ("models", pa.string()), ("new_video", pa.bool_()), ("retries", pa.string()),
 ])  # fmt: skip
-ROWS_PER_BUCKET = 1_000_000  # committed rows per shuffle bucket: bounds what one planning task holds
+# The shuffle through storage: at least MIN_BUCKETS buckets, and one more per ROWS_PER_BUCKET committed rows,
+# so that deciding a bucket holds a bounded number of rows; a listing or reading task writes its rows to
+# the buckets every FLUSH_ROWS rows.
+MIN_BUCKETS = 64
+ROWS_PER_BUCKET = 500_000
+FLUSH_ROWS = 250_000
 PART_STATS = pa.schema([("path", pa.string()), ("videos", pa.int64()), ("listed", pa.int64()),
                         ("retried", pa.int64())])  # fmt: skip
 
@@ -80,18 +86,33 @@ class NightPlan:
     def chunks(self, commit_every: int, max_videos: int | None = None) -> list[list[Part]]:
         """The planned videos in chunks of `commit_every` (the last one may be smaller), the night capped at
         `max_videos`; a part may be split between two chunks."""
-        out: list[list[Part]] = []
-        left = self.todo if max_videos is None else min(max_videos, self.todo)
-        room = 0
-        for part in self.parts:
-            offset = 0
-            while offset < part.videos and left > 0:
-                if room == 0:
-                    out.append([])
-                    room = commit_every
-                take = min(part.videos - offset, room, left)
-                out[-1].append(Part(part.path, take, part.offset + offset))
-                offset, room, left = offset + take, room - take, left - take
+        cursor = self.cursor(max_videos)
+        return list(iter(lambda: cursor.take(commit_every), []))
+
+    def cursor(self, max_videos: int | None = None) -> PlanCursor:
+        """Takes the planned videos in chunks of any size, in order, the night capped at `max_videos`."""
+        return PlanCursor(list(self.parts), self.todo if max_videos is None else min(max_videos, self.todo))
+
+
+@dataclass
+class PlanCursor:
+    """Where a night is in its planned parts: `take(n)` hands out the next n videos (fewer at the end)."""
+
+    parts: list[Part]
+    left: int
+    index: int = 0
+    offset: int = 0
+
+    def take(self, n: int) -> list[Part]:
+        out = []
+        while n > 0 and self.left > 0 and self.index < len(self.parts):
+            part = self.parts[self.index]
+            count = min(part.videos - self.offset, n, self.left)
+            out.append(Part(part.path, count, part.offset + self.offset))
+            self.offset += count
+            n, self.left = n - count, self.left - count
+            if self.offset == part.videos:
+                self.index, self.offset = self.index + 1, 0
         return out
 
 
@@ -188,12 +209,12 @@ def plan_night(
         kind = {"videos": VIDEO, "errors": ERROR}.get(name, TAGGED)
         work += [{"source": uri, "kind": kind, "lo": name, "hi": None} for uri in table.file_uris()]
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    buckets = max(2 * cpus, rows // ROWS_PER_BUCKET + 1)
+    buckets = max(MIN_BUCKETS, rows // ROWS_PER_BUCKET + 1)
     facts_uri = storage.join_uri(parts_uri, "facts")
     sort = functools.partial(_sort_into_buckets, models=models, facts_uri=facts_uri, buckets=buckets)
     ray.data.from_items(work, override_num_blocks=min(len(work), 4 * cpus)).map_batches(
         sort, batch_format="pyarrow", batch_size=None
-    ).materialize()
+    ).take_all()
     decide = functools.partial(
         _plan_bucket, facts_uri=facts_uri, parts_uri=parts_uri, part_videos=part_videos,
         n_models=len(models), max_attempts=max_attempts, retry_errors=retry_errors,
@@ -224,7 +245,7 @@ def _sort_into_buckets(
         for facts in _facts(item, models):
             pending.append(facts)
             size += facts.num_rows
-            if size >= ROWS_PER_BUCKET:
+            if size >= FLUSH_ROWS:
                 _write_buckets(pa.concat_tables(pending), facts_uri, buckets)
                 pending, size = [], 0
     if pending:
@@ -250,29 +271,36 @@ def _facts(item: dict[str, Any], models: list[tuple[str, str]]) -> Iterator[pa.T
 
 
 def _write_buckets(facts: pa.Table, facts_uri: str, buckets: int) -> None:
-    bucket = pa.array([int(v[:8], 16) % buckets for v in facts["video_id"].to_pylist()], pa.int32())
-    for b in range(buckets):
-        rows = facts.filter(pc.equal(bucket, b))
-        if rows.num_rows:
-            uri = storage.join_uri(facts_uri, f"b{b}", f"{uuid.uuid4().hex}.parquet")
-            storage.makedirs(uri.rsplit("/", 1)[0])
-            fs, path = storage.arrow_filesystem(uri)
-            pq.write_table(rows, path, filesystem=fs)
+    """One file per bucket that `facts` has rows for, under `facts_uri/b<bucket>/`."""
+    bucket = np.array([int(v[:8], 16) % buckets for v in facts["video_id"].to_pylist()], dtype=np.int64)
+    order = np.argsort(bucket, kind="stable")
+    facts, bucket = facts.take(pa.array(order)), bucket[order]
+    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+    for start, end in zip(starts, [*starts[1:], len(bucket)], strict=True):
+        uri = storage.join_uri(facts_uri, f"b{bucket[start]}", f"{uuid.uuid4().hex}.parquet")
+        storage.makedirs(uri.rsplit("/", 1)[0])
+        fs, path = storage.arrow_filesystem(uri)
+        pq.write_table(facts.slice(start, end - start), path, filesystem=fs)
 
 
 def _plan_bucket(items: pa.Table, facts_uri: str, n_models: int, max_attempts: int, retry_errors: bool,
                  parts_uri: str, part_videos: int) -> pa.Table:  # fmt: skip
-    """Decide the videos of some buckets and write the planned ones as parts; PART_STATS rows."""
-    out = []
+    """Decide the videos of some buckets, one bucket at a time, and write the planned ones as parts of up to
+    `part_videos`; PART_STATS rows."""
+    stats, pending = [], []
     for bucket in items["bucket"].to_pylist():
         folder = storage.join_uri(facts_uri, f"b{bucket}")
         files = storage.list_files(folder) if storage.exists(folder) else []
         if not files:
             continue
         facts = pa.concat_tables([_read_parquet(f, FACTS) for f in files])
-        planned = _decide(facts, n_models=n_models, max_attempts=max_attempts, retry_errors=retry_errors)
-        out.append(_write_parts(planned, parts_uri, part_videos))
-    return pa.concat_tables(out) if out else PART_STATS.empty_table()
+        pending.append(_decide(facts, n_models, max_attempts, retry_errors))
+        if sum(t.num_rows for t in pending) >= part_videos:
+            stats.append(_write_parts(pa.concat_tables(pending), parts_uri, part_videos))
+            pending = []
+    if pending:
+        stats.append(_write_parts(pa.concat_tables(pending), parts_uri, part_videos))
+    return pa.concat_tables(stats) if stats else PART_STATS.empty_table()
 
 
 def _read_parquet(uri: str, schema: pa.Schema) -> pa.Table:
