@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import multiprocessing
-import resource
 import shutil
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,8 +131,7 @@ def _measure(n: int, night: str, corpus: str, tables_uri: str, address: str, com
     """Run the night's driver work in a fresh process (its own peak) while sampling Ray's workers."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    sampler = _WorkerPeak()
-    with sampler:
+    with benchmarks.PeakMemory(0.2, measure=largest_ray_worker) as sampler:
         process = context.Process(target=_driver, args=(corpus, tables_uri, address, commit_every, results))
         process.start()
         driver_bytes, plan_s, todo = results.get(timeout=3600)
@@ -151,41 +148,28 @@ def _driver(corpus: str, tables_uri: str, address: str, commit_every: int, resul
 
     ray.init(address=address, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    started = time.perf_counter()
-    plan = plan_night(corpus, [MODEL], tables_uri, storage.join_uri(tables_uri, "_scratch", "bench-plan"))
-    plan_s = time.perf_counter() - started
-    for parts in plan.chunks(commit_every):
-        ChunkPlan.read(parts, [MODEL])
-    results.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, plan_s, plan.todo))
+    # Sampled here: a spawned process's ru_maxrss starts from its parent's peak (Linux keeps it across exec).
+    with benchmarks.PeakMemory(0.1) as peak:
+        started = time.perf_counter()
+        plan = plan_night(corpus, [MODEL], tables_uri, storage.join_uri(tables_uri, "_scratch", "bench-plan"))
+        plan_s = time.perf_counter() - started
+        for parts in plan.chunks(commit_every):
+            ChunkPlan.read(parts, [MODEL])
+    results.put((peak.peak_bytes, plan_s, plan.todo))
 
 
-class _WorkerPeak:
-    """The largest proportional set size any Ray worker process reaches while it runs."""
-
-    def __init__(self, interval_s: float = 0.2) -> None:
-        self.interval_s = interval_s
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> _WorkerPeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            for proc in psutil.process_iter(["name"]):
-                if not (proc.info["name"] or "").startswith("ray::"):
-                    continue
-                try:
-                    info = proc.memory_full_info()
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                self.peak_bytes = max(self.peak_bytes, getattr(info, "pss", info.rss))
+def largest_ray_worker() -> int:
+    """The proportional set size in bytes of the largest Ray worker process on this machine."""
+    largest = 0
+    for proc in psutil.process_iter(["name"]):
+        if not (proc.info["name"] or "").startswith("ray::"):
+            continue
+        try:
+            info = proc.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        largest = max(largest, getattr(info, "pss", info.rss))
+    return largest
 
 
 def _report(scenarios: list[Scenario], config: BenchScaleConfig) -> None:

@@ -8,6 +8,7 @@ import shlex
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -23,14 +24,15 @@ class PeakMemory:
     A local Ray started by this process is its descendant, so its raylet and workers are counted.
     """
 
-    def __init__(self, interval_s: float = 0.25) -> None:
+    def __init__(self, interval_s: float = 0.25, measure: Callable[[], int] | None = None) -> None:
         self.interval_s = interval_s
+        self.measure = measure or tree_memory  # another footprint to sample, e.g. the largest worker's
         self.peak_bytes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> PeakMemory:
-        self.peak_bytes = tree_memory()
+        self.peak_bytes = self.measure()
         self._thread.start()
         return self
 
@@ -40,7 +42,7 @@ class PeakMemory:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.peak_bytes = max(self.peak_bytes, tree_memory())
+            self.peak_bytes = max(self.peak_bytes, self.measure())
 
     @property
     def peak_gib(self) -> float:

@@ -52,7 +52,7 @@ TODO = pa.schema([
 # the buckets every FLUSH_ROWS rows.
 MIN_BUCKETS = 64
 ROWS_PER_BUCKET = 500_000
-FLUSH_ROWS = 250_000
+FLUSH_ROWS = 50_000
 PART_STATS = pa.schema([("path", pa.string()), ("videos", pa.int64()), ("listed", pa.int64()),
                         ("retried", pa.int64())])  # fmt: skip
 
@@ -138,23 +138,26 @@ class ChunkPlan:
     @classmethod
     def read(cls, parts: Sequence[Part], refs: Sequence[Any]) -> ChunkPlan:
         """The chunk of planned videos in `parts`."""
-        rows = []
+        plan = cls([], {}, set())
         for part in parts:
             fs, path = storage.arrow_filesystem(part.path)
-            table = pq.read_table(path, filesystem=fs, schema=TODO)
-            rows += table.slice(part.offset, part.videos).to_pylist()
-        plan = cls([], {}, set())
-        for row in rows:
-            vid = row["video_id"]
-            plan.videos.append(VideoRow(vid, row["uri"], row["size_bytes"], row["etag"]))
-            plan.models_todo[vid] = tuple(int(i) for i in row["models"].split(","))
-            if row["new_video"]:
-                plan.new_videos.add(vid)
-            for model, (attempts, first_seen, partial) in json.loads(row["retries"] or "{}").items():
-                m = refs[int(model)]
-                seen = dt.datetime.fromisoformat(first_seen) if first_seen else None
-                plan.retries[(vid, m.name, str(m.version))] = EarlierError(attempts, seen, partial)
+            table = pq.read_table(path, filesystem=fs, schema=TODO).slice(part.offset, part.videos)
+            columns = {name: table[name].to_pylist() for name in TODO.names}
+            for i, vid in enumerate(columns["video_id"]):
+                uri, size, etag = columns["uri"][i], columns["size_bytes"][i], columns["etag"][i]
+                plan.videos.append(VideoRow(vid, uri, size, etag))
+                plan.models_todo[vid] = tuple(int(m) for m in columns["models"][i].split(","))
+                if columns["new_video"][i]:
+                    plan.new_videos.add(vid)
+                if columns["retries"][i]:
+                    plan._add_retries(vid, json.loads(columns["retries"][i]), refs)
         return plan
+
+    def _add_retries(self, vid: str, retries: dict[str, list[Any]], refs: Sequence[Any]) -> None:
+        for model, (attempts, first_seen, partial) in retries.items():
+            m = refs[int(model)]
+            seen = dt.datetime.fromisoformat(first_seen) if first_seen else None
+            self.retries[(vid, m.name, str(m.version))] = EarlierError(attempts, seen, partial)
 
     @property
     def retried_videos(self) -> set[str]:
@@ -264,10 +267,9 @@ def _facts(item: dict[str, Any], models: list[tuple[str, str]]) -> Iterator[pa.T
         columns += ["transient", "attempts", "first_seen"]
     fs, path = storage.arrow_filesystem(item["source"])
     # Through a dataset with the table's schema: a file written before a column was added reads it as nulls.
-    rows = ds.dataset(path, filesystem=fs, schema=tables.file_schema(name), format="parquet").to_table(
-        columns=columns
-    )
-    yield _table_facts(rows, item["kind"], models)
+    rows = ds.dataset(path, filesystem=fs, schema=tables.file_schema(name), format="parquet")
+    for batch in rows.to_batches(columns=columns, batch_size=FLUSH_ROWS):
+        yield _table_facts(pa.Table.from_batches([batch]), item["kind"], models)
 
 
 def _write_buckets(facts: pa.Table, facts_uri: str, buckets: int) -> None:
@@ -324,9 +326,9 @@ def _table_facts(batch: pa.Table, kind: str, models: list[tuple[str, str]]) -> p
     if kind == VIDEO:
         model = pa.nulls(n, pa.int32())
     else:
-        index = {m: i for i, m in enumerate(models)}
-        pairs = zip(batch["model_name"].to_pylist(), batch["model_version"].to_pylist(), strict=True)
-        model = pa.array([index.get(pair) for pair in pairs], pa.int32())
+        keys = pc.binary_join_element_wise(batch["model_name"], batch["model_version"], "\x00")
+        wanted = pa.array([f"{name}\x00{version}" for name, version in models], pa.string())
+        model = pc.index_in(keys, value_set=wanted).cast(pa.int32())
     columns = {name: batch[name] if name in batch.column_names else pa.nulls(n, FACTS.field(name).type)
                for name in FACTS.names if name not in ("kind", "model")}  # fmt: skip
     facts = (
