@@ -4,14 +4,16 @@
         --tables s3://analytics/tables --date 2024-05-01
 
 1. Resolve each model URI once to a registered version (an alias may move during the night).
-2. List the corpus and plan (`jobs.tag.plan`): a video is to do for each model version that has neither
-   predictions nor a standing error row in the committed tables; a transient error is retried up to
-   `--max-attempts` (`--retry-errors`: every error; `--full`: every video, replacing its earlier rows).
+2. Plan in Ray (`jobs.tag.plan`): list the corpus and read the committed keys in tasks, and write the videos
+   to do as parts in scratch. A video is to do for each model version that has neither predictions nor a
+   standing error row; a transient error is retried up to `--max-attempts` (`--retry-errors`: every error;
+   `--full`: every video, replacing its earlier rows). The driver holds nothing per video but a chunk.
 3. Take the tables' lease (waiting `--lease-wait` for a live run), roll forward a chunk an earlier run left
-   half committed, and plan again: whatever a run before this one committed is done.
-4. In chunks of `--commit-every` videos: decode each video once in sliding windows at the models' input
-   (CPU tasks), predict every head in an actor pool, aggregate per video, and commit the chunk to all six
-   tables exactly once (`flows.table_writer`). A crash loses at most the chunk under way.
+   half committed, and plan again if a run committed meanwhile.
+4. Chunk by chunk (`--commit-every` videos, `--commit-minutes`, up to `--max-videos`): decode each video
+   once in sliding windows at the models' input (CPU tasks), predict every head in an actor pool, aggregate
+   per video, and commit the chunk to all six tables exactly once (`flows.table_writer`). A crash loses at
+   most the chunk under way.
 5. Print a one-screen summary and record it, with a label-distribution plot, in an MLflow run.
 """
 
@@ -75,7 +77,7 @@ def main(config: TagConfig) -> TagSummary:
                         f"finished committing {len(writer.recovered)} chunk(s) an earlier run left half done"
                     )
                 clean_scratch(storage.join_uri(root, SCRATCH))
-                if _committed_since(plan, root):  # a run committed while this one waited for the lease
+                if not config.full and _committed_since(plan, root):  # a run committed while this one waited
                     plan = plan_night(
                         config.corpus, refs, root, _plan_uri(plans, job_run_id), **_planning(config)
                     )
