@@ -1,21 +1,17 @@
-"""A corpus listed by Ray tasks, never by the driver: a Ray Data datasource of video rows.
+"""A corpus listed in name ranges, for Ray tasks to list it in parallel and never the driver.
 
-Each read task lists one range of names under the corpus (by the first character after the prefix), page
-by page on S3 (ListObjectsV2 with StartAfter) or entry by entry on a folder, and yields a block every
-`rows_per_block` videos, so no process holds the corpus: the driver only plans the ranges. A local file's
-etag (a content fingerprint, two small reads) is computed in the task too.
+`name_ranges` splits a corpus by the first character after its prefix (the driver's only part);
+`list_range`, run in a task, lists one range page by page on S3 (ListObjectsV2 with StartAfter) or entry by
+entry on a folder, and yields a block every `rows_per_block` videos, so no process holds the corpus. A local
+file's etag (a content fingerprint, two small reads) is computed there too.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pyarrow as pa
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 
 from flows import storage
 
@@ -27,48 +23,6 @@ LISTING_SCHEMA = pa.schema(
 # takes everything from "~" on, unicode included.
 RANGE_STARTS = ("", "0", "5", "A", "N", "a", "e", "i", "m", "q", "u", "~")
 ROWS_PER_BLOCK = 10_000
-
-
-def listing_dataset(corpus_uri: str, rows_per_block: int = ROWS_PER_BLOCK) -> Any:
-    """A Ray Dataset of the videos under a folder or s3:// prefix (or the one file it names): LISTING_SCHEMA
-    rows, listed in Ray tasks. Raises FileNotFoundError, naming the corpus, when there is nothing there."""
-    import ray.data
-
-    return ray.data.read_datasource(CorpusListing(corpus_uri, rows_per_block=rows_per_block))
-
-
-class CorpusListing(Datasource):
-    """Ray Data datasource: one read task per name range under the corpus (see RANGE_STARTS)."""
-
-    def __init__(
-        self,
-        corpus_uri: str,
-        extensions: Iterable[str] = storage.VIDEO_EXTENSIONS,
-        rows_per_block: int = ROWS_PER_BLOCK,
-    ) -> None:
-        if rows_per_block < 1:
-            raise ValueError(f"listing: rows_per_block={rows_per_block} must be >= 1")
-        self.corpus = storage.canonical_uri(corpus_uri)
-        self.extensions = frozenset(e.lower() for e in extensions)
-        self.rows_per_block = rows_per_block
-        self.ranges = name_ranges(corpus_uri)
-
-    def get_name(self) -> str:
-        return "ListCorpus"
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
-    def get_read_tasks(self, parallelism: int, *args: Any, **kwargs: Any) -> list[Any]:
-        ranges = self.ranges
-        metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-        return [
-            ReadTask(lambda lo=lo, hi=hi: self._read(lo, hi), metadata, schema=LISTING_SCHEMA)
-            for lo, hi in ranges
-        ]
-
-    def _read(self, lo: str, hi: str | None) -> Iterator[pa.Table]:
-        return list_range(self.corpus, lo, hi, self.extensions, self.rows_per_block)
 
 
 def name_ranges(corpus_uri: str) -> list[tuple[str, str | None]]:
@@ -91,6 +45,8 @@ def list_range(
 ) -> Iterator[pa.Table]:
     """The videos of one name range under a corpus (every file, when the URI names one) as LISTING_SCHEMA
     blocks of at most `rows_per_block` rows, listed as they stream in."""
+    if rows_per_block < 1:
+        raise ValueError(f"listing: rows_per_block={rows_per_block} must be >= 1")
     corpus = storage.canonical_uri(corpus_uri)
     wanted = frozenset(e.lower() for e in extensions)
     batch: list[tuple[str, int, str]] = []
@@ -106,8 +62,7 @@ def list_range(
 
 def _block(corpus: str, entries: list[tuple[str, int, str]]) -> pa.Table:
     if not storage.is_s3(corpus):
-        with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound: two small reads per file
-            etags = list(pool.map(storage.local_etag, [uri for uri, _, _ in entries]))
+        etags = storage.local_etags([uri for uri, _, _ in entries])
         entries = [(uri, size, etag) for (uri, size, _), etag in zip(entries, etags, strict=True)]
     return pa.table(
         {

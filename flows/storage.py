@@ -28,7 +28,7 @@ import threading
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,7 +298,7 @@ def _walk(uri: str) -> list[tuple[str, int, str]]:
             if not found and key:
                 found = {path: fs.info(path)}  # FileNotFoundError when neither object nor prefix
         return [
-            (f"s3://{name}", int(info.get("size") or 0), str(info.get("ETag", "")).strip('"'))
+            (f"s3://{name}", int(info.get("size") or 0), _s3_etag(info))
             for name, info in found.items()
             # Folder markers ("key/" objects that consoles create) are not files.
             if info.get("type") == "file" and not name.endswith("/")
@@ -353,6 +353,11 @@ def iter_files(uri: str, start: str = "", stop: str | None = None) -> Iterator[t
                         yield entry.path, entry.stat().st_size, ""
 
 
+def _s3_etag(info: Mapping[str, Any]) -> str:
+    """The ETag of an S3 listing entry or HEAD answer, without its quotes."""
+    return str(info.get("ETag", "")).strip('"')
+
+
 def _iter_s3(uri: str, start: str, stop: str | None) -> Iterator[tuple[str, int, str]]:
     bucket, key = _split_s3(uri)
     fs = _s3()
@@ -367,7 +372,7 @@ def _iter_s3(uri: str, start: str, stop: str | None) -> Iterator[tuple[str, int,
                 info = fs.info(f"{bucket}/{key}")
                 if info.get("type") == "file":  # the URI names one object
                     if not start:
-                        yield canonical_uri(uri), int(info["size"]), str(info.get("ETag", "")).strip('"')
+                        yield canonical_uri(uri), int(info["size"]), _s3_etag(info)
                     return
         while True:
             page = fs.call_s3("list_objects_v2", **request)
@@ -377,7 +382,7 @@ def _iter_s3(uri: str, start: str, stop: str | None) -> Iterator[tuple[str, int,
                     continue
                 if stop is not None and name >= stop:
                     return
-                yield f"s3://{bucket}/{item['Key']}", int(item["Size"]), str(item.get("ETag", "")).strip('"')
+                yield f"s3://{bucket}/{item['Key']}", int(item["Size"]), _s3_etag(item)
             if not page.get("IsTruncated"):
                 return
             request["ContinuationToken"] = page["NextContinuationToken"]
@@ -418,8 +423,7 @@ def list_videos(uri: str, extensions: Iterable[str] = VIDEO_EXTENSIONS) -> list[
         entries = [e for e in entries if os.path.splitext(e[0])[1].lower() in wanted]
     if is_s3(uri):
         return [StoredObject(name, size, etag) for name, size, etag in entries]
-    with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound: two small reads per file, NFS-friendly
-        etags = list(pool.map(local_etag, [name for name, _, _ in entries]))
+    etags = local_etags([name for name, _, _ in entries])
     return [StoredObject(name, size, etag) for (name, size, _), etag in zip(entries, etags, strict=True)]
 
 
@@ -442,7 +446,7 @@ def stat(uri: str) -> StoredObject:
         if info.get("type") != "file":
             raise IsADirectoryError(path)
     if is_s3(uri):
-        return StoredObject(canonical_uri(uri), int(info["size"]), str(info.get("ETag", "")).strip('"'))
+        return StoredObject(canonical_uri(uri), int(info["size"]), _s3_etag(info))
     return StoredObject(path, int(info["size"]), content_fingerprint(path))
 
 
@@ -462,8 +466,13 @@ def content_fingerprint(path: str) -> str:
     return f"{FINGERPRINT_VERSION}-{digest.hexdigest()[:32]}"
 
 
-def local_etag(path: str) -> str:
-    """A local file's etag (`content_fingerprint`), or one from its size and mtime while it is unreadable."""
+def local_etags(paths: Sequence[str]) -> list[str]:
+    """The etags of local files, read in parallel (I/O bound: two small reads per file, NFS-friendly)."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(_local_etag, paths))
+
+
+def _local_etag(path: str) -> str:
     try:
         return content_fingerprint(path)
     except OSError:

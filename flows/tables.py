@@ -121,6 +121,12 @@ def schema(name: str) -> pa.Schema:
     return SCHEMAS[name]
 
 
+def row_schema(name: str) -> pa.Schema:
+    """The columns a writer is given for table `name`: all but job_run_id, which the writer fills in."""
+    full = schema(name)
+    return full.remove(full.get_field_index("job_run_id"))
+
+
 def file_schema(name: str) -> pa.Schema:
     """The schema of table `name`'s data files: `run_date` is the partition, in the path, not in the file."""
     full = schema(name)

@@ -121,10 +121,10 @@ def _tagged_tables(tables_uri: str, corpus: str) -> str:
 
 def _rows(name: str, columns: dict[str, list[Any]], n: int) -> pa.Table:
     """Rows of table `name` (without job_run_id, which the writer fills in): `columns`, nulls elsewhere."""
-    fields = [f for f in tables.schema(name) if f.name != "job_run_id"]
+    schema = tables.row_schema(name)
     columns = {**columns, tables.PARTITION: [NIGHT] * n}
-    return pa.table({f.name: pa.array(columns.get(f.name, [None] * n), f.type) for f in fields},
-                    schema=pa.schema(fields))  # fmt: skip
+    arrays = {f.name: pa.array(columns.get(f.name, [None] * n), f.type) for f in schema}
+    return pa.table(arrays, schema=schema)
 
 
 def _measure(n: int, night: str, corpus: str, tables_uri: str, address: str, commit_every: int) -> Scenario:

@@ -1,5 +1,5 @@
-"""The corpus listed in Ray tasks (`flows.listing`) finds what the driver-side listing finds, on a folder and
-on a real S3 server, across name ranges, pages and odd keys."""
+"""The corpus listed by name range (`flows.listing`, what the planning tasks run) finds what the driver-side
+listing finds, on a folder and on a real S3 server, across ranges, pages, blocks and odd keys."""
 
 from __future__ import annotations
 
@@ -18,7 +18,11 @@ NAMES = [
 
 
 def _listed(corpus: str, rows_per_block: int = 3) -> list[tuple]:
-    rows = listing.listing_dataset(corpus, rows_per_block=rows_per_block).take_all()
+    rows = []
+    for lo, hi in listing.name_ranges(corpus):
+        for block in listing.list_range(corpus, lo, hi, rows_per_block=rows_per_block):
+            assert block.num_rows <= rows_per_block
+            rows += block.to_pylist()
     return sorted((r["video_id"], r["uri"], r["size_bytes"], r["etag"]) for r in rows)
 
 
@@ -28,7 +32,7 @@ def _expected(corpus: str) -> list[tuple]:
     )
 
 
-def test_a_folder_is_listed_by_tasks_as_the_driver_lists_it(ray_session, tmp_path: Path):
+def test_a_folder_is_listed_by_range_as_the_driver_lists_it(tmp_path: Path):
     for i, name in enumerate(NAMES):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"v" * (i + 1))
@@ -38,7 +42,7 @@ def test_a_folder_is_listed_by_tasks_as_the_driver_lists_it(ray_session, tmp_pat
     assert _listed(str(tmp_path / "Zed.mp4")) == _expected(str(tmp_path / "Zed.mp4"))  # a named file
 
 
-def test_an_s3_prefix_is_listed_page_by_page_with_odd_keys(ray_session, s3_bucket: str):
+def test_an_s3_prefix_is_listed_page_by_page_with_odd_keys(s3_bucket: str):
     import boto3
 
     bucket = s3_bucket.removeprefix("s3://")
@@ -54,6 +58,6 @@ def test_an_s3_prefix_is_listed_page_by_page_with_odd_keys(ray_session, s3_bucke
     assert f"{corpus}//lead.mp4" in {uri for _, uri, _, _ in found}
 
 
-def test_a_missing_corpus_is_one_line_naming_it(ray_session, tmp_path: Path):
+def test_a_missing_corpus_is_one_line_naming_it(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match=r"corpus .*nowhere: no such folder, prefix or file"):
-        listing.listing_dataset(str(tmp_path / "nowhere"))
+        listing.name_ranges(str(tmp_path / "nowhere"))

@@ -140,8 +140,7 @@ class ChunkPlan:
         """The chunk of planned videos in `parts`."""
         plan = cls([], {}, set())
         for part in parts:
-            fs, path = storage.arrow_filesystem(part.path)
-            table = pq.read_table(path, filesystem=fs, schema=TODO).slice(part.offset, part.videos)
+            table = _read_parquet(part.path, TODO).slice(part.offset, part.videos)
             columns = {name: table[name].to_pylist() for name in TODO.names}
             for i, vid in enumerate(columns["video_id"]):
                 uri, size, etag = columns["uri"][i], columns["size_bytes"][i], columns["etag"][i]
@@ -243,17 +242,17 @@ def _sort_into_buckets(
     """List name ranges and read committed files (the `work` items of a block) as FACTS rows, written into
     one file per bucket of video_id."""
     pending: list[pa.Table] = []
-    size = 0
+    size = written = 0
     for item in work.to_pylist():
         for facts in _facts(item, models):
             pending.append(facts)
             size += facts.num_rows
             if size >= FLUSH_ROWS:
                 _write_buckets(pa.concat_tables(pending), facts_uri, buckets)
-                pending, size = [], 0
+                pending, size, written = [], 0, written + size
     if pending:
         _write_buckets(pa.concat_tables(pending), facts_uri, buckets)
-    return pa.table({"rows": [size]})
+    return pa.table({"rows": [written + size]})
 
 
 def _facts(item: dict[str, Any], models: list[tuple[str, str]]) -> Iterator[pa.Table]:
@@ -279,10 +278,8 @@ def _write_buckets(facts: pa.Table, facts_uri: str, buckets: int) -> None:
     facts, bucket = facts.take(pa.array(order)), bucket[order]
     starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
     for start, end in zip(starts, [*starts[1:], len(bucket)], strict=True):
-        uri = storage.join_uri(facts_uri, f"b{bucket[start]}", f"{uuid.uuid4().hex}.parquet")
-        storage.makedirs(uri.rsplit("/", 1)[0])
-        fs, path = storage.arrow_filesystem(uri)
-        pq.write_table(facts.slice(start, end - start), path, filesystem=fs)
+        folder = storage.join_uri(facts_uri, f"b{bucket[start]}")
+        _write_parquet(folder, facts.slice(start, end - start))
 
 
 def _plan_bucket(items: pa.Table, facts_uri: str, n_models: int, max_attempts: int, retry_errors: bool,
@@ -291,8 +288,7 @@ def _plan_bucket(items: pa.Table, facts_uri: str, n_models: int, max_attempts: i
     `part_videos`; PART_STATS rows."""
     stats, pending = [], []
     for bucket in items["bucket"].to_pylist():
-        folder = storage.join_uri(facts_uri, f"b{bucket}")
-        files = storage.list_files(folder) if storage.exists(folder) else []
+        files = storage.list_children(storage.join_uri(facts_uri, f"b{bucket}"))
         if not files:
             continue
         facts = pa.concat_tables([_read_parquet(f, FACTS) for f in files])
@@ -310,38 +306,45 @@ def _read_parquet(uri: str, schema: pa.Schema) -> pa.Table:
     return pq.read_table(path, filesystem=fs, schema=schema)
 
 
+def _write_parquet(folder: str, table: pa.Table) -> str:
+    """Write `table` as a new Parquet file in `folder`; returns its URI."""
+    storage.makedirs(folder)
+    uri = storage.join_uri(folder, f"part-{uuid.uuid4().hex}.parquet")
+    fs, path = storage.arrow_filesystem(uri)
+    pq.write_table(table, path, filesystem=fs)
+    return uri
+
+
+def _as_facts(kind: str, n: int, columns: dict[str, pa.Array]) -> pa.Table:
+    """`n` FACTS rows of `kind` from `columns`; every other column null."""
+    return pa.table(
+        {
+            name: columns[name] if name in columns else pa.nulls(n, FACTS.field(name).type)
+            for name in FACTS.names
+        }
+        | {"kind": pa.array([kind] * n, pa.string())},
+        schema=FACTS,
+    )
+
+
 def _listed_facts(batch: pa.Table) -> pa.Table:
-    n = batch.num_rows
-    return pa.table({
-        "video_id": batch["video_id"], "kind": pa.array([LISTED] * n), "model": pa.nulls(n, pa.int32()),
-        "uri": batch["uri"], "size_bytes": batch["size_bytes"], "etag": batch["etag"],
-        "transient": pa.nulls(n, pa.bool_()), "attempts": pa.nulls(n, pa.int32()),
-        "first_seen": pa.nulls(n, delta.TIMESTAMP),
-    }, schema=FACTS)  # fmt: skip
+    return _as_facts(LISTED, batch.num_rows, {name: batch[name] for name in batch.column_names})
 
 
 def _table_facts(batch: pa.Table, kind: str, models: list[tuple[str, str]]) -> pa.Table:
     """Committed rows as FACTS: only the run's models, and one row per prediction key."""
-    n = batch.num_rows
-    if kind == VIDEO:
-        model = pa.nulls(n, pa.int32())
-    else:
+    columns = {name: batch[name] for name in batch.column_names if name in FACTS.names}
+    if kind != VIDEO:
         keys = pc.binary_join_element_wise(batch["model_name"], batch["model_version"], "\x00")
         wanted = pa.array([f"{name}\x00{version}" for name, version in models], pa.string())
-        model = pc.index_in(keys, value_set=wanted).cast(pa.int32())
-    columns = {name: batch[name] if name in batch.column_names else pa.nulls(n, FACTS.field(name).type)
-               for name in FACTS.names if name not in ("kind", "model")}  # fmt: skip
-    facts = (
-        pa.table({**columns, "kind": pa.array([kind] * n), "model": model}).select(FACTS.names).cast(FACTS)
-    )
+        columns["model"] = pc.index_in(keys, value_set=wanted).cast(pa.int32())
+    facts = _as_facts(kind, batch.num_rows, columns)
     if kind != VIDEO:
         facts = facts.filter(pc.is_valid(facts["model"]))
     if kind != TAGGED:
         return facts
     keys = facts.group_by(["video_id", "model"]).aggregate([])  # a video has many rows per model: one will do
-    return pa.table({name: keys[name] if name in ("video_id", "model") else pa.array([TAGGED] * keys.num_rows)
-                     if name == "kind" else pa.nulls(keys.num_rows, FACTS.field(name).type)
-                     for name in FACTS.names}, schema=FACTS)  # fmt: skip
+    return _as_facts(TAGGED, keys.num_rows, {"video_id": keys["video_id"], "model": keys["model"]})
 
 
 def _decide(facts: pa.Table, n_models: int, max_attempts: int, retry_errors: bool) -> pa.Table:
@@ -383,11 +386,7 @@ def _write_parts(batch: pa.Table, parts_uri: str, part_videos: int) -> pa.Table:
     paths, videos, retried = [], [], []
     for offset in range(0, todo.num_rows, part_videos):
         part = todo.slice(offset, part_videos)
-        uri = storage.join_uri(parts_uri, f"part-{uuid.uuid4().hex}.parquet")
-        fs, path = storage.arrow_filesystem(uri)
-        storage.makedirs(parts_uri)
-        pq.write_table(part, path, filesystem=fs)
-        paths.append(uri)
+        paths.append(_write_parquet(parts_uri, part))
         videos.append(part.num_rows)
         retried.append(int(pc.sum(pc.is_valid(part["retries"]).cast(pa.int64())).as_py() or 0))
     listed = [0] * len(paths) + [batch.num_rows]

@@ -67,10 +67,7 @@ def chunk_rows(
                       "mlflow_run_id": m.run_id, "run_date": run_date}  # fmt: skip
             for name, rows in table_rows(summary, m.spec.heads, config.top_k).items():
                 out[name] += [{**common, **row} for row in rows]
-    return {name: pa.Table.from_pylist(rows, schema=_row_schema(name)) for name, rows in out.items() if rows}
+    return {
+        name: pa.Table.from_pylist(rows, schema=tables.row_schema(name)) for name, rows in out.items() if rows
+    }
 
-
-def _row_schema(name: str) -> pa.Schema:
-    """The table's schema without job_run_id, which the writer fills in."""
-    full = tables.schema(name)
-    return full.remove(full.get_field_index("job_run_id"))
