@@ -48,6 +48,7 @@ ERROR_SCHEMA = pa.schema(
         ("stage", pa.string()),
         ("error_type", pa.string()),
         ("message", pa.string()),
+        ("clips", pa.int32()),  # clips the video gave before it failed (0: it gave none)
     ]
 )
 
@@ -251,6 +252,7 @@ def iter_video_clips(
     `result`, when given, is filled with the probe and the clip count.
     """
     result = result or VideoResult(row)
+    path = None
     try:
         sidecar = _sidecar_cues(row.uri) if config.subtitles else None
         with storage.local_copy(row.uri) as path:
@@ -272,9 +274,12 @@ def iter_video_clips(
                     result.clips += 1
                     yield _clip_row(row, item, config, result.info)
     except VideoError as err:
-        if not err.message.startswith(row.uri):
-            err = VideoError(err.stage, err.error_type, f"{row.uri}: {err.message}")
-        raise err from None
+        message = err.message
+        if path is not None and storage.is_s3(row.uri):  # name the object, not its temp copy
+            message = message.replace(f"{path}: ", "").replace(path, row.uri)
+        if not message.startswith(row.uri):
+            message = f"{row.uri}: {message}"
+        raise VideoError(err.stage, err.error_type, message) from None
     except (OSError, PermissionError) as err:
         message = str(err) if str(err).startswith(row.uri) else f"{row.uri}: {err}"
         raise VideoError("read", type(err).__name__, message) from None
@@ -335,9 +340,10 @@ class ErrorSink:
     def __init__(self, uri: str) -> None:
         self.uri = uri
 
-    def write(self, row: VideoRow, error: VideoError) -> None:
+    def write(self, row: VideoRow, error: VideoError, clips: int = 0) -> None:
         table = pa.Table.from_pylist(
-            [{"video_id": row.video_id, "uri": row.uri, **error.as_row()}], schema=ERROR_SCHEMA
+            [{"video_id": row.video_id, "uri": row.uri, **error.as_row(), "clips": clips}],
+            schema=ERROR_SCHEMA,
         )
         fs, path = storage.arrow_filesystem(storage.join_uri(self.uri, f"{row.video_id}.parquet"))
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
@@ -364,15 +370,16 @@ def _clips_udf(
     for i in range(len(batch["uri"])):
         row = VideoRow(**{k: _scalar(batch[k][i]) for k in ("video_id", "uri", "size_bytes", "etag")})
         pending: list[dict[str, Any]] = []
+        result = VideoResult(row)
         try:
-            for clip in iter_video_clips(row, config, decode_fn=decode_fn):
+            for clip in iter_video_clips(row, config, result, decode_fn=decode_fn):
                 pending.append(clip)
                 if len(pending) >= CLIPS_PER_OUTPUT_BATCH:
                     yield _clip_table(pending)
                     pending = []
         except VideoError as err:
             log.warning("%s: %s", err.error_type, err.message)
-            sink.write(row, err)
+            sink.write(row, err, result.clips)
         if pending:
             yield _clip_table(pending)
 

@@ -1,21 +1,23 @@
 """Tagging inference: videos → sliding windows at the models' input → every head's per-clip outputs,
-regrouped per video. Shared by the tag job, evaluation and the tag benchmark; models come in loaded (the
-jobs resolve registry URIs), so this data plane knows nothing of MLflow.
+regrouped per video: in Ray blocks of whole videos for the tag job (`predictions_by_video`), or gathered in
+the caller for a bounded set (`run_inference`: evaluation, benchmarks). Models come in loaded (the jobs
+resolve registry URIs), so this data plane knows nothing of MLflow.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import pyarrow as pa
 
 from flows.aggregate import AggregateConfig, VideoClips, VideoSummary, summarize
 from flows.clips import ClipConfig, VideoRow, clip_dataset, read_errors, video_dataset
-from flows.predict import PredictConfig, output_column, predict_dataset
+from flows.predict import PREDICTED_AT, PredictConfig, output_column, predict_dataset
 
 if TYPE_CHECKING:
     from models import ModelSpec
@@ -93,20 +95,17 @@ def run_inference(
     errors_uri: str,
     progress: Callable[[str], None] | None = None,
 ) -> Inference:
-    """Decode `videos` into windows and predict them; the caller gathers the small per-clip outputs.
+    """Decode `videos` into windows and predict them, gathering the per-clip outputs in this process: for a
+    bounded set of videos (evaluation, benchmarks); the tag job aggregates in Ray (`predictions_by_video`).
 
     `errors_uri` is a scratch location every worker can write (the decode error rows land there);
     `progress` gets a line after the first predictions and then every few seconds.
     """
-    import ray
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the caller prints progress
-    # The caller's copies go through the object store: an actor then starts without importing MLflow or
-    # downloading artifacts, and every actor runs exactly the weights the caller resolved.
-    loaders = [functools.partial(ray.get, ray.put(m.module)) for m in models]
     clips = clip_dataset(video_dataset(list(videos)), clip_config, errors_uri)
-    predictions = predict_dataset(clips, loaders, predict)
+    predictions = predict_dataset(clips, model_loaders(models), predict)
 
     started = time.perf_counter()
     parts: dict[str, list[dict[str, np.ndarray]]] = {}
@@ -129,34 +128,121 @@ def run_inference(
             )
     out.seconds = time.perf_counter() - started
     for vid, chunks in parts.items():
-        merged = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-        out.info[vid] = {c: _scalar(merged[c][0]) for c in INFO_COLUMNS if c in merged}
-        duration = out.info[vid].get("duration_s")
-        out.clips_by_video[vid] = [
-            VideoClips(
-                merged["start_s"].astype(np.float64),
-                merged["end_s"].astype(np.float64),
-                {
-                    key: merged[output_column(i, key)]
-                    for key in _output_keys(m.spec)
-                    if output_column(i, key) in merged
-                },
-                float(duration) if duration else None,
-            )
-            for i, m in enumerate(models)
-        ]
+        video = _video_predictions(
+            vid, {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}, models
+        )
+        out.info[vid], out.clips_by_video[vid] = video.info, video.clips
     out.errors = sorted(read_errors(errors_uri).to_pylist(), key=lambda r: r["video_id"])
     return out
 
 
-def summaries(
-    result: Inference, models: Sequence[LoadedModel], config: AggregateConfig
-) -> dict[str, list[VideoSummary]]:
-    """video_id → one VideoSummary per model."""
-    return {
-        vid: [summarize(c, m.spec.heads, config) for c, m in zip(per_model, models, strict=True)]
-        for vid, per_model in result.clips_by_video.items()
-    }
+def model_loaders(models: Sequence[LoadedModel]) -> list[Callable[[], Any]]:
+    """Loaders that hand each inference actor the caller's modules through the object store: an actor then
+    starts without importing MLflow or downloading artifacts, and runs exactly the weights resolved."""
+    import ray
+
+    return [functools.partial(ray.get, ray.put(m.module)) for m in models]
+
+
+# --- per-video aggregation in Ray ---------------------------------------------------------------------
+
+
+@dataclass
+class VideoPredictions:
+    """One video's probe facts and its clip predictions under each model."""
+
+    video_id: str
+    info: dict[str, Any]
+    clips: list[VideoClips]
+
+
+def predictions_by_video(
+    videos: Sequence[VideoRow],
+    models: Sequence[LoadedModel],
+    clip_config: ClipConfig,
+    predict: PredictConfig,
+    errors_uri: str,
+    blocks: int,
+) -> Any:
+    """Lazy Ray Dataset of the videos' prediction rows hash-partitioned on `video_id` into `blocks` blocks,
+    each holding every clip of its videos: a `map_batches(..., batch_size=None)` after it sees whole videos
+    (`videos_in_block`), as Ray's own `map_groups` relies on. Decode errors go to `errors_uri`; all of them
+    are written before the first block comes out, since the shuffle waits for every prediction."""
+    clips = clip_dataset(video_dataset(list(videos)), clip_config, errors_uri)
+    predictions = predict_dataset(clips, model_loaders(models), predict)
+    # Not `sort=True`: Ray 2.60's sorting reduce fails on a shuffle with no rows (every video failed to
+    # decode), so `videos_in_block` sorts each block itself.
+    return predictions.repartition(max(1, blocks), keys=["video_id"])
+
+
+def videos_in_block(block: pa.Table, models: Sequence[LoadedModel]) -> Iterator[VideoPredictions]:
+    """The videos of a block holding every prediction row of each of its videos (`predictions_by_video`)."""
+    if not block.num_rows:
+        return
+    block = block.sort_by("video_id")
+    ids = block.column("video_id").to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    for begin, end in zip(starts, [*starts[1:], len(ids)], strict=True):
+        rows = block.slice(int(begin), int(end - begin))
+        columns = {name: _column(rows.column(name)) for name in rows.column_names}
+        yield _video_predictions(str(ids[begin]), columns, models)
+
+
+@dataclass(frozen=True)
+class PredictionTimes:
+    """When a block's clips were predicted: the first batch (its time and clips) and the last."""
+
+    first_at: float
+    first_clips: int
+    last_at: float
+
+    @classmethod
+    def of(cls, block: pa.Table) -> PredictionTimes | None:
+        if not block.num_rows:
+            return None
+        times = block.column(PREDICTED_AT).to_numpy()
+        first = float(times.min())
+        return cls(first, int((times == first).sum()), float(times.max()))
+
+
+def _video_predictions(
+    vid: str, columns: dict[str, np.ndarray], models: Sequence[LoadedModel]
+) -> VideoPredictions:
+    info = {c: _scalar(columns[c][0]) for c in INFO_COLUMNS if c in columns}
+    duration = info.get("duration_s")
+    clips = [
+        VideoClips(
+            columns["start_s"].astype(np.float64),
+            columns["end_s"].astype(np.float64),
+            {
+                key: columns[output_column(i, key)]
+                for key in _output_keys(m.spec)
+                if output_column(i, key) in columns
+            },
+            float(duration) if duration else None,
+        )
+        for i, m in enumerate(models)
+    ]
+    return VideoPredictions(vid, info, clips)
+
+
+def _column(column: pa.ChunkedArray) -> np.ndarray:
+    """A column as numpy: tensor columns (per-frame outputs) as N-d arrays, lists of floats as 2-d arrays."""
+    from ray.data.extensions import ArrowTensorType, ArrowVariableShapedTensorType
+
+    array = column.combine_chunks()
+    if isinstance(array.type, (ArrowTensorType, ArrowVariableShapedTensorType)):
+        return array.to_numpy()
+    if pa.types.is_list(array.type) or pa.types.is_fixed_size_list(array.type):
+        return np.stack(array.to_numpy(zero_copy_only=False)) if len(array) else np.empty((0, 0))
+    return array.to_numpy(zero_copy_only=False)
+
+
+def summarize_video(
+    video: VideoPredictions, models: Sequence[LoadedModel], config: AggregateConfig
+) -> list[VideoSummary]:
+    """One VideoSummary per model."""
+    return [summarize(c, m.spec.heads, config) for c, m in zip(video.clips, models, strict=True)]
 
 
 def _output_keys(spec: ModelSpec) -> list[str]:

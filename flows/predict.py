@@ -8,11 +8,14 @@ Models come from `loaders`: picklable zero-argument callables that return a modu
 (the tag job ships the modules it resolved: `functools.partial(ray.get, ray.put(module))`), so this
 data plane never imports the registry client itself. Output columns are named `m<i>.<head>` (model
 index i in `loaders`): probabilities [K] for classification heads, per-frame probabilities [T, K] for
-`<head>_steps`, a float for scalar heads (valence, importance).
+`<head>_steps`, a float for scalar heads (valence, importance). `predicted_at` is the wall-clock time a
+batch was predicted, so that a job that gathers its rows only after a shuffle can still tell its start-up
+from its steady rate.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +25,7 @@ import numpy as np
 # Clip-row columns that only the models read; everything else passes through to the prediction rows.
 INPUT_COLUMNS = ("frames", "audio", "text")
 STEPS_SUFFIX = "_steps"
+PREDICTED_AT = "predicted_at"
 
 ModelLoader = Callable[[], Any]
 CPU_ACTOR_CPUS = 0.1  # see DECODE_TASK_CPUS in flows.clips
@@ -111,6 +115,7 @@ class ClipPredictor:
             ):
                 outputs = model(inputs)
             out.update(head_outputs(i, model.spec, outputs))
+        out[PREDICTED_AT] = np.full(len(batch["video_id"]), time.time())
         return out
 
 

@@ -147,7 +147,6 @@ class TableWriter:
         """Write and commit one chunk of rows; with `replace`, earlier rows under the same keys go, and so do
         the rows under `remove`'s keys (table → key columns, as in `commit_chunk`)."""
         files = {name: self.write_files(name, data) for name, data in rows.items()}
-        _step("files written")
         removal = replaced_keys(rows) if replace else {}
         for name, keys in (remove or {}).items():
             removal[name] = union_keys(removal[name], keys) if name in removal else keys
@@ -169,6 +168,7 @@ class TableWriter:
 
         `run_id`, `night` and `models` log the chunk as another run's (its only chunk), as a migration does.
         """
+        _step("files written")
         for name in files:
             tables.schema(name)
         self.lease.check()

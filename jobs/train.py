@@ -218,10 +218,15 @@ class OptimSection:
         )
 
 
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass(frozen=True)
 class ScalingSection:
     """Ray Train workers. `torch_threads` per worker: 1 on a shared CPU (more threads than free cores make
-    small models several times slower); null leaves torch's default. bf16 autocast applies on GPUs only."""
+    small models several times slower); null leaves torch's default. bf16 autocast applies on GPUs only.
+    `placement` is Ray's placement group strategy for the workers: PACK fills a node first (least network
+    for the gradients), SPREAD puts them on different nodes (each node keeps CPUs for its share of ingest)."""
 
     num_workers: int = 2
     use_gpu: bool = False
@@ -229,10 +234,13 @@ class ScalingSection:
     torch_threads: int | None = 1
     bf16: bool = True
     ray_address: str | None = None
+    placement: str = "PACK"
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, "scaling.num_workers", "must be >= 1", self.num_workers)
         _require(self.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0", self.cpus_per_worker)
+        _require(self.placement in PLACEMENTS, "scaling.placement", f"must be one of {', '.join(PLACEMENTS)}",
+                 self.placement)  # fmt: skip
         _require(
             self.torch_threads is None or self.torch_threads >= 1,
             "scaling.torch_threads",
@@ -1150,7 +1158,10 @@ def _fit(
         },
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=s.placement,
         ),
         run_config=RunConfig(
             failure_config=FailureConfig(max_failures=config.max_failures),

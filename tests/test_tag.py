@@ -244,7 +244,7 @@ def test_killed_run_then_rerun_equals_a_clean_run(ray_session, local_corpus, tag
     try:
         for line in proc.stderr:
             seen.append(line)
-            if "clips from" in line:  # inference is under way: kill the driver and its local Ray
+            if "chunk 1: tagging" in line:  # inference starts: kill the driver and its local Ray
                 break
     finally:
         killed = proc.poll() is None
@@ -261,6 +261,36 @@ def test_killed_run_then_rerun_equals_a_clean_run(ray_session, local_corpus, tag
     assert left and all("/_scratch/plans/" in f for f in left)  # the killed run's chunk files are gone,
     tag.clean_scratch(scratch, stale_s=0)  # its plan (written before the lease) goes once it is stale
     assert storage.list_files(scratch) == []
+
+
+def test_a_chunk_lost_to_the_cluster_runs_again_and_a_failing_one_does_not(
+    ray_session, local_corpus, tagging_model, tmp_path, monkeypatch, capsys
+):
+    from ray.exceptions import WorkerCrashedError
+
+    real, calls = tag.tag_chunk, []
+
+    def loses_the_first_attempt(*args, **kwargs):
+        calls.append(kwargs["errors_uri"])
+        if len(calls) == 1:
+            storage.makedirs(kwargs["errors_uri"])  # what the lost attempt left in scratch
+            raise WorkerCrashedError()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tag, "tag_chunk", loses_the_first_attempt)
+    summary = tag.main(_config(str(local_corpus), str(tmp_path / "t"), tagging_model))
+    assert len(calls) == 2 and "starting it again" in capsys.readouterr().err
+    assert (summary.chunks, summary.tagged, summary.failed) == (1, 6, 2)
+    assert tables.read_snapshot(str(tmp_path / "t")).chunk == 1
+
+    def fails(*args, **kwargs):
+        calls.append(kwargs["errors_uri"])
+        raise ValueError("a bug in the chunk's code")
+
+    monkeypatch.setattr(tag, "tag_chunk", fails)
+    with pytest.raises(ValueError, match="a bug"):
+        tag.main(_config(str(local_corpus), str(tmp_path / "u"), tagging_model))
+    assert len(calls) == 3  # not run again
 
 
 def test_reader_sees_the_old_night_or_the_new_one(ray_session, local_corpus, tagging_model, tmp_path):

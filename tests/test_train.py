@@ -228,6 +228,7 @@ def test_killed_worker_resumes_from_checkpoint_on_s3(small_corpus, ray_session, 
         ("tasks.category=-1", "tasks.category"),
         ("scaling.num_workers=two", "scaling.num_workers"),
         ("model.backbone=resnet", "model.backbone"),
+        ("scaling.placement=RANDOM", "scaling.placement"),
     ],
 )
 def test_bad_config_is_a_one_line_error_naming_the_field(override, named, tmp_path, capsys):

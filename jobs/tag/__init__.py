@@ -10,10 +10,11 @@
    `--full`: every video, replacing its earlier rows). The driver holds nothing per video but a chunk.
 3. Take the tables' lease (waiting `--lease-wait` for a live run), roll forward a chunk an earlier run left
    half committed, and plan again if a run committed meanwhile.
-4. Chunk by chunk (`--commit-every` videos, `--commit-minutes`, up to `--max-videos`): decode each video
-   once in sliding windows at the models' input (CPU tasks), predict every head in an actor pool, aggregate
-   per video, and commit the chunk to all six tables exactly once (`flows.table_writer`). A crash loses at
-   most the chunk under way.
+4. Chunk by chunk (`--commit-every` videos, `--commit-minutes`, up to `--max-videos`), in Ray
+   (`jobs.tag.chunk`): decode each video once in sliding windows at the models' input (CPU tasks), predict
+   every head in an actor pool, aggregate per video and write the six tables' files in the workers; the
+   driver commits the chunk to all six tables exactly once (`flows.table_writer`). A crash loses at most
+   the chunk under way.
 5. Print a one-screen summary and record it, with a label-distribution plot, in an MLflow run.
 """
 
@@ -22,23 +23,25 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from flows import runs, storage, table_writer, tables
-from flows.inference import run_inference, summaries, tagging_clip_config
+from flows.inference import tagging_clip_config
 from jobs.registered import DEFAULT_MLFLOW_DIR, RegisteredModel, load_models, resolve_versions
 from jobs.runtime import console
+from jobs.tag.chunk import ChunkOutcome, tag_chunk
 from jobs.tag.config import EXPERIMENT, TagConfig, TagSummary
 from jobs.tag.plan import ChunkPlan, NightPlan, plan_night
-from jobs.tag.reporting import count_top_labels, print_plan, print_summary, record_run
-from jobs.tag.rows import chunk_rows
+from jobs.tag.reporting import print_plan, print_summary, record_run
 
 __all__ = ["EXPERIMENT", "SCRATCH", "TagConfig", "TagSummary", "main", "tagging_clip_config"]
 SCRATCH = "_scratch"
 PLANS = "plans"
 PART_VIDEOS = 10_000  # planned videos per part file in scratch
 FIRST_TIMED_CHUNK = 100  # with --commit-minutes, the first chunk's size, before any rate is known
+CHUNK_ATTEMPTS = 3  # a chunk that Ray loses (a node died under it) runs again, this often in all
 STALE_PLAN_S = 24 * 3600.0  # a plan folder this old belongs to a run that died
 
 
@@ -148,34 +151,78 @@ def tag_in_chunks(
     cursor = plan.cursor(config.max_videos)
     size = config.commit_every if config.commit_minutes is None else FIRST_TIMED_CHUNK
     size = min(size, config.commit_every)
+    first_at: float | None = None
     for index in itertools.count():
         parts = cursor.take(size)
         if not parts:
             break
         chunk_started = time.perf_counter()
         chunk = ChunkPlan.read(parts, models)
+        console.print(f"chunk {index + 1}: tagging {len(chunk.videos)} videos")
         errors_uri = storage.join_uri(scratch, f"chunk-{index + 1}")
-        result = run_inference(
-            chunk.videos, models, clip_config, config.predict, errors_uri, progress=console.print
-        )
-        per_video = summaries(result, models, config.aggregate)
-        rows = chunk_rows(chunk, models, result, per_video, config.aggregate, writer.run_date)
-        committed = writer.write_chunk(rows, replace=config.full, remove=chunk.removals())
+        outcome, inference_started = _tag_chunk_retrying(
+            chunk, models, clip_config, config.predict, config.aggregate, tables_uri=writer.tables_uri,
+            job_run_id=writer.job_run_id, run_date=writer.run_date, errors_uri=errors_uri,
+        )  # fmt: skip
+        committed = writer.commit_chunk(outcome.files, chunk.removals(models, full=config.full) or None)
         storage.remove(errors_uri, recursive=True)
-        if index == 0:
-            summary.startup_s, summary.steady_clips_per_s = result.first_batch_s, result.steady_clips_per_s
+        if outcome.times is not None and first_at is None:  # start-up: until the first predictions
+            first_at = outcome.times.first_at
+            summary.startup_s = first_at - inference_started
+            steady_s = outcome.times.last_at - first_at
+            summary.steady_clips_per_s = (
+                (outcome.clips - outcome.times.first_clips) / steady_s if steady_s else 0
+            )
         summary.decoded += len(chunk.videos)
-        summary.tagged += len(chunk.videos) - len(result.failed)
-        summary.failed += len(result.failed)
+        summary.tagged += outcome.tagged
+        summary.failed += outcome.failed
         summary.retried += len(chunk.retried_videos)
-        summary.clips += result.clips
+        summary.clips += outcome.clips
         summary.chunks += 1
         for name, n in (committed.rows if committed else {}).items():
             summary.rows[name] = summary.rows.get(name, 0) + n
-        count_top_labels(per_video, models, summary.label_counts)
+        for panel, counts in outcome.labels.items():
+            summary.label_counts.setdefault(panel, Counter()).update(counts)
         if index or cursor.left:
             console.print(f"chunk {index + 1} committed: {len(chunk.videos)} videos, {cursor.left} left")
         if config.commit_minutes is not None:  # the next chunk should take about commit_minutes
             rate = len(chunk.videos) / max(time.perf_counter() - chunk_started, 1e-3)
             size = max(1, min(config.commit_every, int(rate * config.commit_minutes * 60)))
     storage.remove(scratch, recursive=True)
+
+
+def _tag_chunk_retrying(*args: Any, errors_uri: str, **kwargs: Any) -> tuple[ChunkOutcome, float]:
+    """`tag_chunk`, run again from the start when Ray loses part of it (a node that died takes the shuffle's
+    state with it). The files of a lost attempt were never committed; `tables vacuum` deletes them."""
+    from ray.exceptions import RayError, RayTaskError
+
+    for attempt in range(1, CHUNK_ATTEMPTS + 1):
+        try:
+            return tag_chunk(*args, errors_uri=errors_uri, **kwargs)
+        except RayError as err:
+            if (isinstance(err, RayTaskError) and not _lost_to_the_cluster(err)) or attempt == CHUNK_ATTEMPTS:
+                raise
+            console.print(
+                f"[yellow]the chunk failed on the cluster ({type(err).__name__}); starting it again"
+            )
+            storage.remove(errors_uri, recursive=True)
+    raise AssertionError("unreachable")
+
+
+def _lost_to_the_cluster(err: Exception) -> bool:
+    """Whether a task failed because the cluster lost a worker, node or object, not in the task's code."""
+    from ray.exceptions import (
+        ActorDiedError,
+        NodeDiedError,
+        ObjectLostError,
+        OwnerDiedError,
+        WorkerCrashedError,
+    )
+
+    lost = (ActorDiedError, NodeDiedError, ObjectLostError, OwnerDiedError, WorkerCrashedError)
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, lost) or isinstance(getattr(cause, "cause", None), lost):
+            return True
+        cause = cause.__cause__
+    return False

@@ -163,9 +163,17 @@ class ChunkPlan:
         """Videos with an error row this night retries (their `videos` row is rewritten)."""
         return {video_id for video_id, _, _ in self.retries}
 
-    def removals(self) -> dict[str, pa.Table]:
-        """Per table, the keys of earlier rows that this chunk's rows replace."""
+    def removals(self, refs: Sequence[Any], full: bool = False) -> dict[str, pa.Table]:
+        """Per table, the keys of earlier rows that this chunk's rows replace: those of the error rows it
+        retries, and with `full` every (video, model version) it tags and every video it rewrites."""
         retried = list(self.retries)
+        if full:
+            done = [
+                (v, refs[i].name, str(refs[i].version)) for v, todo in self.models_todo.items() for i in todo
+            ]
+            videos = [(v,) for v in sorted(self.new_videos | self.retried_videos)]
+            return {**{name: _keys(done) for name in tables.TABLES if name != "videos"},
+                    "videos": _keys(videos, tables.VIDEO_KEY)}  # fmt: skip
         if not retried:
             return {}
         partial = [key for key in retried if self.retries[key].has_predictions]

@@ -6,10 +6,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from flows import storage, tables
-from flows.aggregate import VideoSummary
 from jobs.registered import RegisteredModel
 from jobs.runtime import console
 from jobs.tag.config import TagConfig, TagSummary
@@ -17,19 +14,6 @@ from jobs.tag.plan import NightPlan
 
 if TYPE_CHECKING:
     from jobs.tracking import ModelRef
-
-
-def count_top_labels(
-    per_video: dict[str, list[VideoSummary]],
-    models: Sequence[RegisteredModel],
-    counts: dict[str, Counter[str]],
-) -> None:
-    """Add each video's top-1 label, per classification head of each model, to `counts` (panel → label)."""
-    for vid_summaries in per_video.values():
-        for m, s in zip(models, vid_summaries, strict=True):
-            for head, probs in s.classes.items():
-                panel = counts.setdefault(f"{m.name} v{m.version} · {head}", Counter())
-                panel[m.spec.heads[head][int(np.argmax(probs))]] += 1
 
 
 def record_run(

@@ -1,0 +1,175 @@
+"""One chunk of a night, done in Ray: decode, predict, aggregate per video and write the six tables' data
+files in the workers. The driver gets back only the files (what their Delta add actions record) and a few
+counts per block, and commits them (`flows.table_writer`).
+
+Prediction rows are hash-partitioned on `video_id` (`flows.inference.predictions_by_video`), so each block
+holds whole videos; one writer per block aggregates its videos and writes one file per table. Videos that
+gave no clip at all appear in no block: their rows (`videos` status failed, an error per model) come from
+one more task that reads the chunk's decode errors.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from flows.aggregate import AggregateConfig, VideoSummary
+from flows.clips import ClipConfig, read_errors
+from flows.inference import PredictionTimes, predictions_by_video, summarize_video, videos_in_block
+from flows.predict import PredictConfig
+from flows.table_files import DataFile, write_files
+from jobs.registered import RegisteredModel
+from jobs.tag.plan import ChunkPlan
+from jobs.tag.rows import ChunkRows
+
+VIDEOS_PER_WRITER = 2_000  # a chunk of 10,000 videos: 5 writers, 5 files per table
+WRITTEN = pa.schema([("files", pa.string()), ("stats", pa.string())])
+
+
+@dataclass(frozen=True)
+class ChunkContext:
+    """What a chunk's writers need: the plan (an object-store reference), the models without their weights,
+    and where to write."""
+
+    plan: Any  # ray.ObjectRef[ChunkPlan]
+    models: list[RegisteredModel]
+    aggregate: AggregateConfig
+    tables_uri: str
+    job_run_id: str
+    run_date: dt.date
+    errors_uri: str
+
+
+@dataclass
+class ChunkOutcome:
+    """What the chunk's writers wrote and counted."""
+
+    files: dict[str, list[DataFile]] = field(default_factory=dict)
+    tagged: int = 0  # videos that gave clips
+    failed: int = 0  # videos that gave none
+    clips: int = 0
+    times: PredictionTimes | None = None
+    labels: dict[str, Counter[str]] = field(default_factory=dict)  # panel → top-1 label → videos
+
+    def add(self, row: Mapping[str, str]) -> None:
+        """Add one writer's output row (`WRITTEN`)."""
+        for name, files in json.loads(row["files"]).items():
+            self.files.setdefault(name, []).extend(DataFile(**f) for f in files)
+        stats = json.loads(row["stats"])
+        self.tagged += stats["tagged"]
+        self.failed += stats["failed"]
+        self.clips += stats["clips"]
+        for panel, counts in stats["labels"].items():
+            self.labels.setdefault(panel, Counter()).update(counts)
+        if stats["times"]:
+            block = PredictionTimes(**stats["times"])
+            if self.times is None or block.first_at < self.times.first_at:
+                first = block
+            elif block.first_at == self.times.first_at:
+                first = replace(block, first_clips=block.first_clips + self.times.first_clips)
+            else:
+                first = self.times
+            last = max(block.last_at, self.times.last_at) if self.times else block.last_at
+            self.times = replace(first, last_at=last)
+
+
+def tag_chunk(
+    plan: ChunkPlan,
+    models: Sequence[RegisteredModel],
+    clip_config: ClipConfig,
+    predict: PredictConfig,
+    aggregate: AggregateConfig,
+    *,
+    tables_uri: str,
+    job_run_id: str,
+    run_date: dt.date,
+    errors_uri: str,
+) -> tuple[ChunkOutcome, float]:
+    """Tag the chunk's videos and write their rows as uncommitted files; returns what was written and the
+    wall-clock time inference started at."""
+    import ray
+
+    context = ChunkContext(
+        ray.put(plan), [replace(m, module=None) for m in models], aggregate, tables_uri, job_run_id, run_date,
+        errors_uri,
+    )  # fmt: skip
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    writers = max(1, min(math.ceil(len(plan.videos) / VIDEOS_PER_WRITER), cpus))
+    started = time.time()
+    grouped = predictions_by_video(plan.videos, models, clip_config, predict, errors_uri, writers)
+    written = grouped.map_batches(
+        write_block, batch_size=None, batch_format="pyarrow", fn_kwargs={"context": context}
+    )
+    outcome = ChunkOutcome()
+    for row in written.iter_rows():
+        outcome.add(row)
+    # After the shuffle every decode task has finished, so every error row is there to read.
+    failures = ray.remote(write_failures).options(num_cpus=1)
+    outcome.add(ray.get(failures.remote(context)).to_pylist()[0])
+    return outcome, started
+
+
+def write_block(block: pa.Table, context: ChunkContext) -> pa.Table:
+    """Ray Data UDF: a block of whole videos' prediction rows → their rows of every table, written as
+    files; returns one `WRITTEN` row (the files as JSON, and the block's counts)."""
+    import ray
+
+    plan: ChunkPlan = ray.get(context.plan)
+    videos = {v.video_id: v for v in plan.videos}
+    errors = {e["video_id"]: e for e in read_errors(context.errors_uri).to_pylist()}
+    rows = ChunkRows(plan, context.models, context.aggregate, context.run_date)
+    labels: dict[str, Counter[str]] = {}
+    tagged = 0
+    for video in videos_in_block(block, context.models):
+        summaries = summarize_video(video, context.models, context.aggregate)
+        rows.add(videos[video.video_id], video.info, summaries, errors.get(video.video_id))
+        count_top_labels(summaries, context.models, labels)
+        tagged += 1
+    times = PredictionTimes.of(block)
+    stats = {"tagged": tagged, "failed": 0, "clips": block.num_rows, "labels": labels,
+             "times": asdict(times) if times else None}  # fmt: skip
+    return _written(rows, context, stats)
+
+
+def write_failures(context: ChunkContext) -> pa.Table:
+    """The rows of the chunk's videos that failed before giving a single clip (one `WRITTEN` row)."""
+    import ray
+
+    plan: ChunkPlan = ray.get(context.plan)
+    videos = {v.video_id: v for v in plan.videos}
+    rows = ChunkRows(plan, context.models, context.aggregate, context.run_date)
+    failed = 0
+    for error in read_errors(context.errors_uri).to_pylist():
+        if not error["clips"] and error["video_id"] in videos:
+            rows.add(videos[error["video_id"]], {}, None, error)
+            failed += 1
+    stats = {"tagged": 0, "failed": failed, "clips": 0, "labels": {}, "times": None}
+    return _written(rows, context, stats)
+
+
+def count_top_labels(
+    summaries: Sequence[VideoSummary], models: Sequence[RegisteredModel], counts: dict[str, Counter[str]]
+) -> None:
+    """Add a video's top-1 label, per classification head of each model, to `counts` (panel → label)."""
+    for m, s in zip(models, summaries, strict=True):
+        for head, probs in s.classes.items():
+            panel = counts.setdefault(f"{m.name} v{m.version} · {head}", Counter())
+            panel[m.spec.heads[head][int(np.argmax(probs))]] += 1
+
+
+def _written(rows: ChunkRows, context: ChunkContext, stats: dict[str, Any]) -> pa.Table:
+    files = {
+        name: [asdict(f) for f in write_files(context.tables_uri, name, data, job_run_id=context.job_run_id,
+                                              run_date=context.run_date)]
+        for name, data in rows.tables().items()
+    }  # fmt: skip
+    return pa.Table.from_pylist([{"files": json.dumps(files), "stats": json.dumps(stats)}], schema=WRITTEN)
