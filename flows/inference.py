@@ -170,9 +170,11 @@ def predictions_by_video(
     are written before the first block comes out, since the shuffle waits for every prediction."""
     clips = clip_dataset(video_dataset(list(videos)), clip_config, errors_uri)
     predictions = predict_dataset(clips, model_loaders(models), predict)
+    if blocks <= 1:  # one block holds every video: merging blocks costs less than a hash shuffle
+        return predictions.repartition(1)
     # Not `sort=True`: Ray 2.60's sorting reduce fails on a shuffle with no rows (every video failed to
     # decode), so `videos_in_block` sorts each block itself.
-    return predictions.repartition(max(1, blocks), keys=["video_id"])
+    return predictions.repartition(blocks, keys=["video_id"])
 
 
 def videos_in_block(block: pa.Table, models: Sequence[LoadedModel]) -> Iterator[VideoPredictions]:
