@@ -206,6 +206,14 @@ class PredictionTimes:
         first = float(times.min())
         return cls(first, int((times == first).sum()), float(times.max()))
 
+    def merged(self, other: PredictionTimes | None) -> PredictionTimes:
+        """The times of this block and `other` together."""
+        if other is None:
+            return self
+        first = min(self.first_at, other.first_at)
+        first_clips = sum(t.first_clips for t in (self, other) if t.first_at == first)
+        return PredictionTimes(first, first_clips, max(self.last_at, other.last_at))
+
 
 def _video_predictions(
     vid: str, columns: dict[str, np.ndarray], models: Sequence[LoadedModel]

@@ -529,3 +529,13 @@ def test_commit_minutes_sizes_the_next_chunks_by_the_measured_rate(
     # The first chunk is commit_every videos; at seconds a video, a 6 ms budget makes the next ones 1 each.
     assert (summary.chunks, summary.decoded) == (5, 8)
     assert tables.read_table(tables_uri, "videos").num_rows == 8
+
+
+def test_prediction_times_of_the_writers_blocks_give_the_nights_first_batch_and_last():
+    from flows.inference import PredictionTimes
+
+    block = PredictionTimes.of(pa.table({"predicted_at": [2.0, 2.0, 3.0, 2.5]}))
+    assert block == PredictionTimes(2.0, 2, 3.0)
+    assert PredictionTimes.of(pa.table({"predicted_at": pa.array([], pa.float64())})) is None
+    assert block.merged(PredictionTimes(1.0, 4, 1.5)) == PredictionTimes(1.0, 4, 3.0)
+    assert block.merged(PredictionTimes(2.0, 3, 2.2)) == PredictionTimes(2.0, 5, 3.0)  # one batch, two blocks

@@ -71,15 +71,7 @@ class ChunkOutcome:
         for panel, counts in stats["labels"].items():
             self.labels.setdefault(panel, Counter()).update(counts)
         if stats["times"]:
-            block = PredictionTimes(**stats["times"])
-            if self.times is None or block.first_at < self.times.first_at:
-                first = block
-            elif block.first_at == self.times.first_at:
-                first = replace(block, first_clips=block.first_clips + self.times.first_clips)
-            else:
-                first = self.times
-            last = max(block.last_at, self.times.last_at) if self.times else block.last_at
-            self.times = replace(first, last_at=last)
+            self.times = PredictionTimes(**stats["times"]).merged(self.times)
 
 
 def tag_chunk(
