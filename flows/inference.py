@@ -1,13 +1,12 @@
 """Tagging inference: videos → sliding windows at the models' input → every head's per-clip outputs,
 regrouped per video: in Ray blocks of whole videos for the tag job (`predictions_by_video`), or gathered in
-the caller for a bounded set (`run_inference`: evaluation, benchmarks). Models come in loaded (the jobs
+the caller for a bounded set (`run_inference`: evaluation). Models come in loaded (the jobs
 resolve registry URIs), so this data plane knows nothing of MLflow.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -22,7 +21,6 @@ from flows.predict import PREDICTED_AT, PredictConfig, output_column, predict_da
 if TYPE_CHECKING:
     from models import ModelSpec
 
-PROGRESS_EVERY_S = 5.0
 INFO_COLUMNS = ("duration_s", "fps", "n_frames", "width", "height", "codec", "has_audio")
 
 
@@ -71,20 +69,6 @@ class Inference:
     info: dict[str, dict[str, Any]] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)
     clips: int = 0
-    seconds: float = 0.0
-    first_batch_s: float = 0.0  # start-up: until the first predictions came back
-    first_batch_clips: int = 0
-
-    @property
-    def steady_clips_per_s(self) -> float:
-        """Clips/s after the first predictions (actor start-up and the first decode excluded)."""
-        span = self.seconds - self.first_batch_s
-        return (self.clips - self.first_batch_clips) / span if span > 0 else 0.0
-
-    @property
-    def failed(self) -> set[str]:
-        """Videos that failed and gave no clips at all."""
-        return {e["video_id"] for e in self.errors} - set(self.clips_by_video)
 
 
 def run_inference(
@@ -93,45 +77,23 @@ def run_inference(
     clip_config: ClipConfig,
     predict: PredictConfig,
     errors_uri: str,
-    progress: Callable[[str], None] | None = None,
 ) -> Inference:
     """Decode `videos` into windows and predict them, gathering the per-clip outputs in this process: for a
-    bounded set of videos (evaluation, benchmarks); the tag job aggregates in Ray (`predictions_by_video`).
+    bounded set of videos (evaluation); the tag job aggregates in Ray (`predictions_by_video`).
 
-    `errors_uri` is a scratch location every worker can write (the decode error rows land there);
-    `progress` gets a line after the first predictions and then every few seconds.
+    `errors_uri` is a scratch location every worker can write (the decode error rows land there).
     """
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the caller prints progress
+    ray.data.DataContext.get_current().enable_progress_bars = False  # a step inside a job that reports itself
     clips = clip_dataset(video_dataset(list(videos)), clip_config, errors_uri)
     predictions = predict_dataset(clips, model_loaders(models), predict)
-
-    started = time.perf_counter()
-    parts: dict[str, list[dict[str, np.ndarray]]] = {}
+    batches = list(predictions.iter_batches(batch_format="pyarrow", batch_size=None))
     out = Inference()
-    last = started
-    for batch in predictions.iter_batches(batch_format="numpy", batch_size=None):
-        ids = batch["video_id"]
-        for vid in np.unique(ids):
-            rows = ids == vid
-            parts.setdefault(str(vid), []).append({k: np.asarray(v)[rows] for k, v in batch.items()})
-        out.clips += len(ids)
-        now = time.perf_counter()
-        if not out.first_batch_clips:
-            out.first_batch_s, out.first_batch_clips = now - started, len(ids)
-        if progress is not None and (out.clips == len(ids) or now - last >= PROGRESS_EVERY_S):
-            last = now
-            progress(
-                f"tag: {out.clips} clips from {len(parts)}/{len(videos)} videos, "
-                f"{out.clips / (now - started):.1f} clips/s"
-            )
-    out.seconds = time.perf_counter() - started
-    for vid, chunks in parts.items():
-        video = _video_predictions(
-            vid, {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}, models
-        )
-        out.info[vid], out.clips_by_video[vid] = video.info, video.clips
+    if batches:
+        for video in videos_in_block(pa.concat_tables(batches), models):
+            out.info[video.video_id], out.clips_by_video[video.video_id] = video.info, video.clips
+        out.clips = sum(b.num_rows for b in batches)
     out.errors = sorted(read_errors(errors_uri).to_pylist(), key=lambda r: r["video_id"])
     return out
 

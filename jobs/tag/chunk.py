@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from flows.aggregate import AggregateConfig, VideoSummary
-from flows.clips import ClipConfig, read_errors
+from flows.clips import ClipConfig, VideoRow, read_errors
 from flows.inference import PredictionTimes, predictions_by_video, summarize_video, videos_in_block
 from flows.predict import PredictConfig
 from flows.table_files import DataFile, write_files
@@ -113,12 +113,7 @@ def tag_chunk(
 def write_block(block: pa.Table, context: ChunkContext) -> pa.Table:
     """Ray Data UDF: a block of whole videos' prediction rows → their rows of every table, written as
     files; returns one `WRITTEN` row (the files as JSON, and the block's counts)."""
-    import ray
-
-    plan: ChunkPlan = ray.get(context.plan)
-    videos = {v.video_id: v for v in plan.videos}
-    errors = {e["video_id"]: e for e in read_errors(context.errors_uri).to_pylist()}
-    rows = ChunkRows(plan, context.models, context.aggregate, context.run_date)
+    rows, videos, errors = _chunk_rows(context)
     labels: dict[str, Counter[str]] = {}
     tagged = 0
     for video in videos_in_block(block, context.models):
@@ -134,18 +129,24 @@ def write_block(block: pa.Table, context: ChunkContext) -> pa.Table:
 
 def write_failures(context: ChunkContext) -> pa.Table:
     """The rows of the chunk's videos that failed before giving a single clip (one `WRITTEN` row)."""
-    import ray
-
-    plan: ChunkPlan = ray.get(context.plan)
-    videos = {v.video_id: v for v in plan.videos}
-    rows = ChunkRows(plan, context.models, context.aggregate, context.run_date)
+    rows, videos, errors = _chunk_rows(context)
     failed = 0
-    for error in read_errors(context.errors_uri).to_pylist():
+    for error in errors.values():
         if not error["clips"] and error["video_id"] in videos:
             rows.add(videos[error["video_id"]], {}, None, error)
             failed += 1
     stats = {"tagged": 0, "failed": failed, "clips": 0, "labels": {}, "times": None}
     return _written(rows, context, stats)
+
+
+def _chunk_rows(context: ChunkContext) -> tuple[ChunkRows, dict[str, VideoRow], dict[str, dict[str, Any]]]:
+    """An empty row collector for the chunk, its videos by id, and its decode errors by video id."""
+    import ray
+
+    plan: ChunkPlan = ray.get(context.plan)
+    errors = {e["video_id"]: e for e in read_errors(context.errors_uri).to_pylist()}
+    rows = ChunkRows(plan, context.models, context.aggregate, context.run_date)
+    return rows, {v.video_id: v for v in plan.videos}, errors
 
 
 def count_top_labels(
