@@ -6,6 +6,7 @@ import contextlib
 import csv
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -46,6 +47,7 @@ ODD_KEYS = [
     "odd/a//b.mp4", "odd//lead.mp4", "odd/with space.mp4", "odd/ünïcødé.mp4", "odd/run_date=2024/x.mp4",
     "odd/" + "l" * 900 + ".mp4", "odd/pct%20x.mp4", "odd/q?x#y.mp4", "/top.mp4",
 ]  # fmt: skip
+
 
 @pytest.fixture(scope="session")
 def shared_videos() -> Path:
@@ -324,6 +326,30 @@ def tagging_model(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) 
     model_uri = tracking.log_model(model, model.spec, "tagger", "candidate", run_id=run_id, tracking_uri=uri)
     tracking.finish_run(run_id, tracking_uri=uri)
     return model_uri, uri
+
+
+@pytest.fixture(scope="session")
+def local_corpus(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 labelled videos of the small corpus with its 2 broken files, in a folder (tests only read it)."""
+    return copy_corpus(small_corpus, tmp_path_factory.mktemp("local-corpus") / "c", 6)
+
+
+def copy_corpus(src: Path, dst: Path, n_videos: int, broken: bool = True) -> Path:
+    """The first `n_videos` labelled videos of `src` (and its broken files) into `dst`, which may exist."""
+    dst.mkdir(parents=True, exist_ok=True)
+    from flows import labels as flabels
+    from flows.clips import list_video_rows
+
+    manifest = flabels.read_manifest(str(src / flabels.LABELS_FILE))
+    files = sorted(manifest.videos)[:n_videos]
+    if broken:
+        files += [flabels.relative_file(r.uri, str(src)) for r in list_video_rows(str(src))
+                  if flabels.relative_file(r.uri, str(src)) not in manifest.videos]  # fmt: skip
+    for file in [*files, flabels.LABELS_FILE]:
+        if not (dst / file).exists():
+            (dst / file).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src / file, dst / file)
+    return dst
 
 
 def load_module(path: Path) -> ModuleType:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import psutil
 import pyarrow.compute as pc
 import pytest
+from conftest import copy_corpus
 
 from flows import labels as flabels
 from flows import runs, tables
@@ -108,21 +108,6 @@ def night(request, tmp_path, small_corpus, tagging_model, ray_address):
     runner = Night(corpus, where, tagging_model, ray_address, logs)
     yield runner
     runner.stop_all()
-
-
-def copy_corpus(src: Path, dst: Path, n_videos: int, broken: bool = True) -> Path:
-    """The first `n_videos` labelled videos of `src` (and its broken files) into `dst`, which may exist."""
-    dst.mkdir(parents=True, exist_ok=True)
-    manifest = flabels.read_manifest(str(src / flabels.LABELS_FILE))
-    files = sorted(manifest.videos)[:n_videos]
-    if broken:
-        files += [flabels.relative_file(r.uri, str(src)) for r in list_video_rows(str(src))
-                  if flabels.relative_file(r.uri, str(src)) not in manifest.videos]  # fmt: skip
-    for file in [*files, flabels.LABELS_FILE]:
-        if not (dst / file).exists():
-            (dst / file).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src / file, dst / file)
-    return dst
 
 
 def wait_stopped(run: Run, timeout: float = 240) -> None:
