@@ -20,11 +20,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows import decode, sampling, storage, subtitles
+from flows import decode, pyav_decoder, sampling, storage, subtitles
 from flows.isolation import shared_runner
 from flows.media import VideoError, VideoInfo
 from flows.probe import probe
 from flows.pyav_decoder import read_audio
+from flows.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,11 @@ ERROR_SCHEMA = pa.schema(
         ("message", pa.string()),
         ("clips", pa.int32()),  # clips the video gave before it failed (0: it gave none)
     ]
+)
+# A video that gave clips, but not from all of itself (truncated, cut mid-GOP, undecodable frames, shorter
+# than a clip): why, in the words the videos table's `status_reason` shows.
+PARTIAL_SCHEMA = pa.schema(
+    [("video_id", pa.string()), ("uri", pa.string()), ("status_reason", pa.string()), ("clips", pa.int32())]
 )
 
 
@@ -103,9 +109,15 @@ class ClipConfig:
             if not ok:
                 raise ValueError(f"clip config: {name}={getattr(self, name)!r} {why}")
 
-    def plan(self, n_frames: int, fps: float, video_key: str) -> list[sampling.ClipPlan]:
-        """The clip plans for one video (pure: the same inputs give the same plans)."""
-        common = {"n_frames": n_frames, "fps": fps, "clip_len": self.clip_len, "target_fps": self.target_fps}
+    def plan(
+        self, n_frames: int, fps: float, video_key: str, times: np.ndarray | None = None
+    ) -> list[sampling.ClipPlan]:
+        """The clip plans for one video (pure: the same inputs give the same plans); over `times`, the
+        frames' presentation times, when the video is planned over its real timeline."""
+        common = {
+            "n_frames": n_frames, "fps": fps, "clip_len": self.clip_len, "target_fps": self.target_fps,
+            "times": times,
+        }  # fmt: skip
         if self.sampling == "sliding":
             return sampling.sliding_windows(**common, stride=self.stride or self.clip_len)
         if self.sampling == "random":
@@ -177,18 +189,35 @@ class _VideoDone:
     planned_frames: int
     decoded_frames: int
     clips: int
+    losses: list[str]  # why only part of the video gave clips
 
 
 def decode_video(path: str, video_key: str, config: ClipConfig, sidecar_cues: list | None = None) -> Iterator:
-    """Probe, plan and decode one local video file; yields its VideoInfo, then `_Clip`s, then `_VideoDone`.
+    """Probe, plan and decode one local video file; yields its VideoInfo (again, corrected, when it is
+    planned over its real timeline), then `_Clip`s, then `_VideoDone`.
 
     Runs inside the isolated decoder process.
     """
     info = probe(path)
     yield info
+    # The scan is what the decoders index frames by; it also shows whether the header told the truth.
+    table = pyav_decoder.scan(path, info)
+    timeline = Timeline.of(table, info)
+    times, first, losses = None, 0, []
+    if timeline is not None:
+        doubts = [d for d in (info.header_doubt, *timeline.disagreements(info)) if d]
+        if doubts:
+            losses = timeline.losses(info)
+            info = timeline.corrected(info, doubts)
+            times, first = timeline.planned_times, timeline.first
+            log.debug("%s: planned over the stream's timeline: %s", path, info.header_doubt)
+            yield info
     if info.n_frames < 1 or info.fps <= 0:
         raise VideoError("probe", "NoFrames", f"{path}: no video frames (n_frames={info.n_frames})")
-    plans = config.plan(info.n_frames, info.fps, video_key)
+    plans = sampling.shifted(config.plan(info.n_frames, info.fps, video_key, times), first)
+    out_frames = sampling.grid_frames(info.n_frames, info.fps, config.target_fps, times=times)
+    if out_frames < config.clip_len:
+        losses.append(f"shorter than a clip: {out_frames} of {config.clip_len} frames, the last one repeated")
     cues = sidecar_cues
     if config.subtitles and cues is None:
         cues = subtitles.read_embedded_subtitles(path)
@@ -199,8 +228,9 @@ def decode_video(path: str, video_key: str, config: ClipConfig, sidecar_cues: li
         track = read_audio(path, 0.0, last_s, config.audio_rate, info=info)
 
     frames = decode.iter_frames(
-        path, info, sampling.needed_frames(plans), config.size, config.decoder, config.decoder_threads
-    )
+        path, info, sampling.needed_frames(plans), config.size, config.decoder, config.decoder_threads,
+        table=table,
+    )  # fmt: skip
     assembly = sampling.assemble_clips(plans, frames)
     n_clips = 0
     for clip in assembly:
@@ -212,7 +242,10 @@ def decode_video(path: str, video_key: str, config: ClipConfig, sidecar_cues: li
             out.text = subtitles.text_for_span(cues or [], start_s, end_s)
         n_clips += 1
         yield out
-    yield _VideoDone(info, assembly.planned_frames, assembly.decoded_frames, n_clips)
+    missing = assembly.planned_frames - assembly.decoded_frames
+    if missing:
+        losses.append(f"{missing} of {assembly.planned_frames} planned frames did not decode")
+    yield _VideoDone(info, assembly.planned_frames, assembly.decoded_frames, n_clips, losses)
 
 
 def _audio_span(track: np.ndarray | None, start_s: float, n_samples: int, rate: int) -> np.ndarray:
@@ -238,6 +271,7 @@ class VideoResult:
     row: VideoRow
     info: VideoInfo | None = None
     clips: int = 0
+    status_reason: str | None = None  # why the video gave clips from only part of itself
 
 
 def iter_video_clips(
@@ -249,7 +283,7 @@ def iter_video_clips(
     """Clip rows of one video, decoded by `decode_fn` in the shared isolated decoder process.
 
     Raises VideoError when the video cannot be read; clips yielded before the failure stand.
-    `result`, when given, is filled with the probe and the clip count.
+    `result`, when given, is filled with the probe, the clip count and why the video is partial.
     """
     result = result or VideoResult(row)
     path = None
@@ -269,7 +303,7 @@ def iter_video_clips(
                 if isinstance(item, VideoInfo):
                     result.info = item
                 elif isinstance(item, _VideoDone):
-                    _check_truncation(row, item)
+                    result.status_reason = _status_reason(row, item)
                 else:
                     result.clips += 1
                     yield _clip_row(row, item, config, result.info)
@@ -285,23 +319,16 @@ def iter_video_clips(
         raise VideoError("read", type(err).__name__, message) from None
 
 
-def _check_truncation(row: VideoRow, done: _VideoDone) -> None:
-    """A video whose stream ends long before its probed length is reported, after its readable clips."""
+def _status_reason(row: VideoRow, done: _VideoDone) -> str | None:
+    """Why a video gave clips from only part of itself (None: from all of it); an error when it gave none."""
     if done.clips == 0:
         raise VideoError(
             "decode",
             "NoFrames",
             f"{row.uri}: none of the {done.planned_frames} planned frames decoded "
-            f"(container says {done.info.n_frames} frames: truncated or undecodable)",
+            f"(the stream holds {done.info.n_frames} frames: undecodable)",
         )
-    missing = done.planned_frames - done.decoded_frames
-    if missing > max(2, 0.1 * done.planned_frames):
-        raise VideoError(
-            "decode",
-            "TruncatedVideo",
-            f"{row.uri}: decoded {done.decoded_frames} of {done.planned_frames} planned frames "
-            f"(container says {done.info.n_frames} frames); kept {done.clips} clips",
-        )
+    return "; ".join(done.losses) or None
 
 
 def _sidecar_cues(video_uri: str) -> list | None:
@@ -335,38 +362,49 @@ def _clip_row(row: VideoRow, clip: _Clip, config: ClipConfig, info: VideoInfo | 
 
 
 class ErrorSink:
-    """Writes error rows to a folder or S3 prefix, one Parquet file per failed video (idempotent)."""
+    """Writes a video's side row to a folder or S3 prefix: one Parquet file per video, named by its id, so
+    a task's retry overwrites rather than duplicates it. An error row for a failed video (ERROR_SCHEMA) or,
+    with `partial`, a partial video's reason (PARTIAL_SCHEMA)."""
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
 
     def write(self, row: VideoRow, error: VideoError, clips: int = 0) -> None:
-        table = pa.Table.from_pylist(
-            [{"video_id": row.video_id, "uri": row.uri, **error.as_row(), "clips": clips}],
-            schema=ERROR_SCHEMA,
-        )
+        self._put(row, {**error.as_row(), "clips": clips}, ERROR_SCHEMA)
+
+    def partial(self, row: VideoRow, reason: str, clips: int) -> None:
+        self._put(row, {"status_reason": reason, "clips": clips}, PARTIAL_SCHEMA)
+
+    def _put(self, row: VideoRow, values: dict[str, Any], schema: pa.Schema) -> None:
+        table = pa.Table.from_pylist([{"video_id": row.video_id, "uri": row.uri, **values}], schema=schema)
         fs, path = storage.arrow_filesystem(storage.join_uri(self.uri, f"{row.video_id}.parquet"))
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         pq.write_table(table, path, filesystem=fs)
 
 
-def read_errors(uri: str) -> pa.Table:
-    """Every error row written under `uri` (an empty table when there are none)."""
+def read_errors(uri: str, schema: pa.Schema = ERROR_SCHEMA) -> pa.Table:
+    """Every row written under `uri` (an empty table when there are none): the error rows, or with
+    PARTIAL_SCHEMA the partial videos' reasons."""
     files = storage.list_files(uri, suffix=".parquet") if storage.exists(uri) else []
     if not files:
-        return ERROR_SCHEMA.empty_table()
+        return schema.empty_table()
     tables = []
     for file in files:
         filesystem, path = storage.arrow_filesystem(file)
-        tables.append(pq.read_table(path, filesystem=filesystem, schema=ERROR_SCHEMA))
+        tables.append(pq.read_table(path, filesystem=filesystem, schema=schema))
     return pa.concat_tables(tables)
 
 
 def _clips_udf(
-    batch: dict[str, np.ndarray], config: ClipConfig, errors_uri: str, decode_fn: DecodeFn
+    batch: dict[str, np.ndarray],
+    config: ClipConfig,
+    errors_uri: str,
+    decode_fn: DecodeFn,
+    partial_uri: str | None,
 ) -> Iterator[pa.Table]:
     """map_batches UDF: one video row in, its clips out a few at a time (bounded memory)."""
     sink = ErrorSink(errors_uri)
+    partial_sink = ErrorSink(partial_uri) if partial_uri else None
     for i in range(len(batch["uri"])):
         row = VideoRow(**{k: _scalar(batch[k][i]) for k in ("video_id", "uri", "size_bytes", "etag")})
         pending: list[dict[str, Any]] = []
@@ -380,6 +418,11 @@ def _clips_udf(
         except VideoError as err:
             log.warning("%s: %s", err.error_type, err.message)
             sink.write(row, err, result.clips)
+        else:
+            if result.status_reason:
+                log.info("%s: partial: %s", row.uri, result.status_reason)
+                if partial_sink is not None:
+                    partial_sink.partial(row, result.status_reason, result.clips)
         if pending:
             yield _clip_table(pending)
 
@@ -428,8 +471,10 @@ def clip_dataset(
     errors_uri: str,
     num_cpus: float = DECODE_TASK_CPUS,
     decode_fn: DecodeFn = decode_video,
+    partial_uri: str | None = None,
 ) -> Any:
-    """Ray Dataset of video rows → lazy Ray Dataset of clip rows; failures go to `errors_uri`.
+    """Ray Dataset of video rows → lazy Ray Dataset of clip rows; failures go to `errors_uri`, and the
+    reasons of videos that gave clips from only part of themselves to `partial_uri` (PARTIAL_SCHEMA).
 
     Clip rows: {video_id, uri, clip_index, start_s, end_s, frames uint8[T,H,W,3]} plus `audio`
     float32[S] when `config.audio` and `text` when `config.subtitles`. `start_s`/`end_s` are the
@@ -438,14 +483,21 @@ def clip_dataset(
     return videos.map_batches(
         _clips_udf,
         batch_size=1,
-        fn_kwargs={"config": config, "errors_uri": errors_uri, "decode_fn": decode_fn},
+        fn_kwargs={
+            "config": config,
+            "errors_uri": errors_uri,
+            "decode_fn": decode_fn,
+            "partial_uri": partial_uri,
+        },
         num_cpus=num_cpus,
     )
 
 
-def corpus_clips(corpus_uri: str, config: ClipConfig, errors_uri: str) -> tuple[Any, list[VideoRow]]:
+def corpus_clips(
+    corpus_uri: str, config: ClipConfig, errors_uri: str, partial_uri: str | None = None
+) -> tuple[Any, list[VideoRow]]:
     """List a corpus and return (lazy clip dataset, the listed videos)."""
     videos = list_video_rows(corpus_uri)
     if not videos:
         raise FileNotFoundError(f"{corpus_uri}: no video files found")
-    return clip_dataset(video_dataset(videos), config, errors_uri), videos
+    return clip_dataset(video_dataset(videos), config, errors_uri, partial_uri=partial_uri), videos

@@ -15,7 +15,7 @@ import numpy as np
 
 from flows import decord_decoder, pyav_decoder
 from flows.media import DecodedFrame, VideoError, VideoInfo
-from flows.probe import quarter_turns
+from flows.probe import count_doubt, quarter_turns
 from flows.pyav_decoder import FrameTable, validate_indices, validate_size
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,6 @@ DECORD_PIX_FMTS = frozenset(
         "nv12",
     }
 )
-# A header frame count may exceed duration × fps by rounding only; it may fall short by the audio
-# that outlasts the video (up to this many seconds, or this fraction of the duration).
-COUNT_SLACK_S = 2.0
-COUNT_SLACK_FRACTION = 0.05
 
 
 def choose_decoder(info: VideoInfo) -> tuple[str, str]:
@@ -61,11 +57,10 @@ def choose_decoder(info: VideoInfo) -> tuple[str, str]:
         return "pyav", f"pixel format {info.pix_fmt} not verified with decord"
     if info.n_frames < 1 or info.fps <= 0 or info.duration_s <= 0:
         return "pyav", "no usable frame count, frame rate or duration"
-    expected = info.duration_s * info.fps
     if info.frames_from_header:
-        slack = max(COUNT_SLACK_S * info.fps, COUNT_SLACK_FRACTION * expected)
-        if not expected - slack - 1 <= info.n_frames <= expected + 1:
-            return "pyav", f"header says {info.n_frames} frames, duration × fps says {expected:.1f}"
+        doubt = count_doubt(info.n_frames, info.fps, info.duration_s)
+        if doubt:
+            return "pyav", doubt
         return "decord", "cleared by probe (header frame count consistent)"
     # No header count (Matroska, fragmented MP4): decord counts packets when it opens the file, and
     # that count must agree with the duration × fps estimate (`_decord_count_problem`).
@@ -79,13 +74,16 @@ def iter_frames(
     size: Sequence[int] | None = None,
     decoder: str = "auto",
     threads: int = 1,
+    *,
+    table: FrameTable | None = None,
 ) -> Iterator[DecodedFrame]:
     """Read the requested frames of a local file upright, resized in the decoder, in one sorted pass.
 
     `size` is the (height, width) of the upright output. `decoder="auto"` applies the routing policy;
     "pyav" or "decord" force a backend, but a forced decord still hands over to PyAV when it cannot
     open the file, miscounts its frames or fails part way, since a video must never be lost.
-    `threads` is the backend's decoder threads (0: one per core).
+    `threads` is the backend's decoder threads (0: one per core). `table` is the file's scan when the
+    caller already has it (frame indices are positions in it).
     """
     wanted = validate_indices(indices)
     out_size = validate_size(size)
@@ -93,11 +91,17 @@ def iter_frames(
         raise ValueError(f"decoder: must be one of {', '.join(DECODERS)}, got {decoder!r}")
     if threads < 0:
         raise ValueError(f"threads: must be >= 0, got {threads}")
-    return _iter_upright(path, info, wanted, out_size, decoder, threads)
+    return _iter_upright(path, info, wanted, out_size, decoder, threads, table)
 
 
 def _iter_upright(
-    path: str, info: VideoInfo, wanted: list[int], size: tuple[int, int] | None, decoder: str, threads: int
+    path: str,
+    info: VideoInfo,
+    wanted: list[int],
+    size: tuple[int, int] | None,
+    decoder: str,
+    threads: int,
+    table: FrameTable | None,
 ) -> Iterator[DecodedFrame]:
     quarter = quarter_turns(info.rotation)
     # The backends decode as coded: for a quarter turn they produce the transposed size.
@@ -110,9 +114,11 @@ def _iter_upright(
     if not wanted:
         return
     if backend == "decord":
-        frames = _decord_with_fallback(path, info, wanted, coded, decoder == "auto", threads)
+        if table is None:
+            table = pyav_decoder.scan(path, info)
+        frames = _decord_with_fallback(path, info, wanted, coded, decoder == "auto", threads, table)
     else:
-        frames = pyav_decoder.iter_frames(path, wanted, coded, info, threads=threads)
+        frames = pyav_decoder.iter_frames(path, wanted, coded, info, table=table, threads=threads)
     for frame in frames:
         if quarter:
             frame = frame._replace(image=np.ascontiguousarray(np.rot90(frame.image, quarter)))
@@ -126,8 +132,8 @@ def _decord_with_fallback(
     size: tuple[int, int] | None,
     check_seeks: bool,
     threads: int,
+    table: FrameTable,
 ) -> Iterator[DecodedFrame]:
-    table = pyav_decoder.scan(path, info)
     if check_seeks and not table.closed_gops and wanted != list(range(len(wanted))):
         # decord indexes keyframes by decode order: with open GOPs its seeks land a frame off.
         log.debug("%s: switching to pyav: open GOPs and a sparse read (decord would seek)", path)
@@ -136,6 +142,8 @@ def _decord_with_fallback(
     try:
         reader = decord_decoder.open_reader(path, size, info.rotation, threads)
         problem = _decord_count_problem(len(reader), info, table)
+        if not problem and info.header_doubt:  # planned over the stream's timeline: decord must see the same
+            problem = _decord_time_problem(reader, table)
     except VideoError as err:
         problem = err.message
     if problem:
@@ -151,6 +159,18 @@ def _decord_with_fallback(
         rest = [i for i in wanted if i > done]
         log.debug("%s: pyav resumes at frame %s: %s", path, rest[0] if rest else "-", err.message)
         yield from pyav_decoder.iter_frames(path, rest, size, info, table=table, threads=threads)
+
+
+def _decord_time_problem(reader: decord_decoder.decord.VideoReader, table: FrameTable) -> str | None:
+    """Why decord's frame times differ from the scanned timeline's (by half a frame or more), or None."""
+    if table.pts is None or len(table.pts) != len(reader) or len(reader) < 2:
+        return None
+    theirs = decord_decoder.frame_times(reader)
+    ours = (table.pts - table.pts[0]).astype(np.float64) * float(table.time_base)
+    off = float(np.abs((theirs - theirs[0]) - ours).max())
+    if off >= float(np.median(np.diff(ours))) / 2:
+        return f"decord's frame times differ from the stream's by up to {off * 1000:.0f} ms"
+    return None
 
 
 def _decord_count_problem(n_decord: int, info: VideoInfo, table: FrameTable) -> str | None:

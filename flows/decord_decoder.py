@@ -46,6 +46,15 @@ def open_reader(
         raise VideoError("decode", "DecordError", f"{path}: decord cannot open: {first_line(exc)}") from None
 
 
+def frame_times(reader: decord.VideoReader) -> np.ndarray:
+    """Every frame's time in seconds as decord indexes the file; VideoError if it cannot tell."""
+    try:
+        return reader.get_frame_timestamp(list(range(len(reader))))[:, 0].astype(np.float64)
+    except Exception as exc:  # decord raises its own DECORDError
+        message = f"decord cannot give its frame times: {first_line(exc)}"
+        raise VideoError("decode", "DecordError", message) from None
+
+
 def iter_frames(
     path: str,
     indices: Iterable[int],

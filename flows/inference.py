@@ -125,12 +125,14 @@ def predictions_by_video(
     predict: PredictConfig,
     errors_uri: str,
     blocks: int,
+    partial_uri: str | None = None,
 ) -> Any:
     """Lazy Ray Dataset of the videos' prediction rows hash-partitioned on `video_id` into `blocks` blocks,
     each holding every clip of its videos: a `map_batches(..., batch_size=None)` after it sees whole videos
-    (`videos_in_block`), as Ray's own `map_groups` relies on. Decode errors go to `errors_uri`; all of them
-    are written before the first block comes out, since the shuffle waits for every prediction."""
-    clips = clip_dataset(video_dataset(list(videos)), clip_config, errors_uri)
+    (`videos_in_block`), as Ray's own `map_groups` relies on. Decode errors go to `errors_uri` and partial
+    videos' reasons to `partial_uri`; all of them are written before the first block comes out, since the
+    shuffle waits for every prediction."""
+    clips = clip_dataset(video_dataset(list(videos)), clip_config, errors_uri, partial_uri=partial_uri)
     predictions = predict_dataset(clips, model_loaders(models), predict)
     if blocks <= 1:  # one block holds every video: merging blocks costs less than a hash shuffle
         return predictions.repartition(1)

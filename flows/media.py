@@ -50,7 +50,9 @@ class VideoInfo:
 
     width/height are as stored in the stream (before rotation); rotation is degrees from the display
     matrix; fps is the average frame rate; n_frames comes from the container header when it has one,
-    else from duration × fps (`frames_from_header` says which).
+    else from duration × fps (`frames_from_header` says which). `header_doubt` says why these facts are not
+    to be trusted ("" when nothing is wrong with them): the clip dataflow then plans from the real timeline
+    (`flows.timeline`) and replaces fps, n_frames and duration_s with what the stream really holds.
     """
 
     container: str
@@ -68,6 +70,7 @@ class VideoInfo:
     interlaced: bool = False
     start_s: float = 0.0
     frames_from_header: bool = True
+    header_doubt: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

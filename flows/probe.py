@@ -16,6 +16,21 @@ _INTERLACED_FIELD_ORDERS = {2, 3, 4, 5}
 # The display matrix is only exposed on decoded frames; a broken start of stream gets this many
 # packets to produce a first frame before the probe gives up on rotation and start time.
 _FIRST_FRAME_MAX_PACKETS = 256
+# Containers with no frame index: their frame counts and durations are estimates from a rate and the
+# first and last timestamps, and a file cut out of a longer stream starts wherever the cut fell.
+INDEXLESS_CONTAINERS = frozenset({"mpegts", "mpeg", "mpegvideo", "h264", "hevc", "flv"})
+# Frame rates outside this range come from a broken header (FLV remuxes report their 1 kHz time base).
+PLAUSIBLE_FPS = (0.5, 300.0)
+# A header frame count may exceed duration × fps by rounding only; it may fall short by the audio that
+# outlasts the video (up to this many seconds, or this fraction of the duration).
+COUNT_SLACK_S = 2.0
+COUNT_SLACK_FRACTION = 0.05
+# Fewer bits per second than this per pixel of the picture (and never fewer than the floor) cannot be a
+# video of the length the header claims: the file was cut short (a 100 KiB upload claiming 19 minutes).
+MIN_BITS_PER_PIXEL_SECOND = 0.002
+MIN_BITS_PER_SECOND = 1_000
+# A header whose streams need more bytes than this times the file's size describes a longer file.
+TRUNCATED_FRACTION = 1.25
 
 
 def av_error_type(exc: BaseException) -> str:
@@ -75,10 +90,18 @@ def _probe_open(path: str, container: av.container.InputContainer) -> VideoInfo:
     fps = _frame_rate(stream)
     duration = _container_duration(container, stream)
     video_duration = _video_duration(stream) or duration
-    first = _first_frame(container, stream)
+    first, starts_on_key = _first_frame(container, stream)
     n_frames, from_header = _frame_count(path, stream, fps, video_duration)
     audio = container.streams.audio
     start = first.time if first is not None and first.time is not None else _stream_start(stream)
+    doubts = [
+        f"{fmt} has no frame index" if fmt in INDEXLESS_CONTAINERS else "",
+        "" if stream.average_rate else "no average frame rate",
+        "" if PLAUSIBLE_FPS[0] <= fps <= PLAUSIBLE_FPS[1] else f"implausible frame rate {fps:g} fps",
+        count_doubt(n_frames, fps, duration) if from_header else "",
+        _size_doubt(container, os.path.getsize(path), duration, int(ctx.width) * int(ctx.height)),
+        "" if starts_on_key else "the stream does not start on a keyframe",
+    ]
     return VideoInfo(
         container=fmt,
         video_codec=ctx.codec.canonical_name,
@@ -96,7 +119,37 @@ def _probe_open(path: str, container: av.container.InputContainer) -> VideoInfo:
         or bool(first is not None and first.interlaced_frame),
         start_s=float(start),
         frames_from_header=from_header,
+        header_doubt="; ".join(d for d in doubts if d),
     )
+
+
+def count_doubt(n_frames: int, fps: float, duration_s: float) -> str:
+    """Why a header frame count disagrees with duration × fps, or "" when it agrees."""
+    expected = duration_s * fps
+    slack = max(COUNT_SLACK_S * fps, COUNT_SLACK_FRACTION * expected)
+    if expected - slack - 1 <= n_frames <= expected + 1:
+        return ""
+    return f"header says {n_frames} frames, duration × fps says {expected:.1f}"
+
+
+def _size_doubt(
+    container: av.container.InputContainer, size_bytes: int, duration_s: float, pixels: int
+) -> str:
+    """Why the file is too small for what its header claims, or "": the streams' bit rates (MP4 derives them
+    from its sample table) add up to more bytes than the file has, or too few bits per second remain."""
+    needed = sum(
+        s.bit_rate * float(s.duration * s.time_base) / 8
+        for s in (*container.streams.video, *container.streams.audio)
+        if s.bit_rate and s.duration and s.time_base
+    )
+    if needed > TRUNCATED_FRACTION * size_bytes + 16 * 1024:
+        return f"the header's streams need {needed:.0f} bytes, the file has {size_bytes}"
+    if duration_s <= 0:
+        return ""
+    bits_per_s = 8 * size_bytes / duration_s
+    if bits_per_s >= max(MIN_BITS_PER_SECOND, MIN_BITS_PER_PIXEL_SECOND * pixels):
+        return ""
+    return f"{size_bytes} bytes cannot hold the {duration_s:.1f} s the header claims"
 
 
 def normalize_rotation(degrees: float) -> int:
@@ -160,18 +213,24 @@ def _frame_count(path: str, stream: av.stream.Stream, fps: float, duration: floa
         return sum(1 for p in container.demux(video) if p.size and not p.is_discard), False
 
 
-def _first_frame(container: av.container.InputContainer, stream: av.stream.Stream) -> av.VideoFrame | None:
-    """The first decodable frame (rotation and interlacing are only exposed on frames); None if none soon."""
+def _first_frame(
+    container: av.container.InputContainer, stream: av.stream.Stream
+) -> tuple[av.VideoFrame | None, bool]:
+    """The first decodable frame (rotation and interlacing are only exposed on frames), None if none soon;
+    and whether the stream's first packet is a keyframe."""
+    starts_on_key = True
     for n, packet in enumerate(container.demux(stream)):
         if n >= _FIRST_FRAME_MAX_PACKETS:
             break
+        if n == 0 and packet.size:
+            starts_on_key = bool(packet.is_keyframe)
         try:
             frames = packet.decode()
         except av.FFmpegError:
             continue
         if frames:
-            return frames[0]
-    return None
+            return frames[0], starts_on_key
+    return None, starts_on_key
 
 
 def first_line(exc: BaseException) -> str:

@@ -8,7 +8,9 @@ the same arguments always give the same plans.
 Every planner first lays an output frame grid at `target_fps` (default: the video's own rate) over the
 source frames, so a 60 fps video planned at 15 fps takes every 4th source frame; a clip is `clip_len`
 consecutive grid frames. A video shorter than one clip is padded by repeating its last frame
-(indices 0, 1, 2, 2, 2), never dropped.
+(indices 0, 1, 2, 2, 2), never dropped. Given `times` (each frame's presentation time, from the stream's
+real timeline), the grid is laid in seconds instead and takes the frame nearest each grid time, so a
+variable-rate video planned at 15 fps gets a frame every 1/15 s of real time, held through its gaps.
 
 `assemble_clips` turns a decoder's ascending frame stream into clips as they complete, holding only
 the frames that clips still waiting need.
@@ -34,7 +36,8 @@ _EPS = 1e-6
 class ClipPlan:
     """One clip to cut: source frame indices (non-decreasing) and nominal times of its first/last frame.
 
-    `start_s`/`end_s` are `index / fps`; the dataflow replaces them with the decoded timestamps.
+    `start_s`/`end_s` are `index / fps`, or the frames' `times` when planned over them; the dataflow replaces
+    them with the decoded timestamps.
     """
 
     clip_index: int
@@ -47,33 +50,52 @@ class ClipPlan:
 
 
 def uniform_clips(
-    n_frames: int, fps: float, clip_len: int, num_clips: int, target_fps: float | None = None
+    n_frames: int,
+    fps: float,
+    clip_len: int,
+    num_clips: int,
+    target_fps: float | None = None,
+    *,
+    times: Sequence[float] | None = None,
 ) -> list[ClipPlan]:
     """`num_clips` clips spread evenly over the video (the centres of `num_clips` equal segments).
 
     Exactly `num_clips` plans, always: when the video holds fewer distinct clip starts than that,
     some clips repeat.
     """
-    grid = _Grid.of(n_frames, fps, clip_len, target_fps)
+    grid = _Grid.of(n_frames, fps, clip_len, target_fps, times)
     _check_int("num_clips", num_clips, 1)
     starts = [(grid.n_starts * (2 * j + 1)) // (2 * num_clips) for j in range(num_clips)]
     return grid.plans(starts)
 
 
-def center_clip(n_frames: int, fps: float, clip_len: int, target_fps: float | None = None) -> list[ClipPlan]:
+def center_clip(
+    n_frames: int,
+    fps: float,
+    clip_len: int,
+    target_fps: float | None = None,
+    *,
+    times: Sequence[float] | None = None,
+) -> list[ClipPlan]:
     """The one clip in the middle of the video (a list, like every planner)."""
-    return uniform_clips(n_frames, fps, clip_len, 1, target_fps)
+    return uniform_clips(n_frames, fps, clip_len, 1, target_fps, times=times)
 
 
 def sliding_windows(
-    n_frames: int, fps: float, clip_len: int, stride: int, target_fps: float | None = None
+    n_frames: int,
+    fps: float,
+    clip_len: int,
+    stride: int,
+    target_fps: float | None = None,
+    *,
+    times: Sequence[float] | None = None,
 ) -> list[ClipPlan]:
     """Windows every `stride` output frames from frame 0, the last one aligned to the video's end.
 
     Every output frame lies in some window (so `stride` may not exceed `clip_len`), and no window
     repeats. A video shorter than one clip gives one padded window.
     """
-    grid = _Grid.of(n_frames, fps, clip_len, target_fps)
+    grid = _Grid.of(n_frames, fps, clip_len, target_fps, times)
     _check_int("stride", stride, 1)
     if stride > clip_len:
         raise ValueError(f"stride: must be <= clip_len ({clip_len}) so windows cover the video, got {stride}")
@@ -91,13 +113,15 @@ def random_clips(
     num_clips: int,
     seed: int,
     target_fps: float | None = None,
+    *,
+    times: Sequence[float] | None = None,
 ) -> list[ClipPlan]:
     """`num_clips` clips at random starts drawn from `seed` alone, numbered in time order.
 
     Starts are distinct while the video has enough of them, else drawn with replacement. Use
     `video_seed(seed, key)` to give every video its own stream from one run seed.
     """
-    grid = _Grid.of(n_frames, fps, clip_len, target_fps)
+    grid = _Grid.of(n_frames, fps, clip_len, target_fps, times)
     _check_int("num_clips", num_clips, 1)
     _check_int("seed", seed, 0)
     rng = np.random.default_rng(int(seed))
@@ -119,6 +143,22 @@ def needed_frames(plans: Iterable[ClipPlan]) -> list[int]:
     return sorted({i for plan in plans for i in plan.frame_indices})
 
 
+def grid_frames(
+    n_frames: int, fps: float, target_fps: float | None = None, *, times: Sequence[float] | None = None
+) -> int:
+    """How many output frames the video has at the target rate (fewer than a clip's: its clip is padded)."""
+    return _Grid.of(n_frames, fps, 1, target_fps, times).n_out
+
+
+def shifted(plans: Iterable[ClipPlan], offset: int) -> list[ClipPlan]:
+    """The plans with every source index moved by `offset`: plans made over a timeline's frames from
+    `offset` on (the frames before it cannot decode) as indices of the whole stream."""
+    _check_int("offset", offset, 0)
+    return [
+        ClipPlan(p.clip_index, tuple(i + offset for i in p.frame_indices), p.start_s, p.end_s) for p in plans
+    ]
+
+
 @dataclass(frozen=True)
 class _Grid:
     """The output frame grid of one video at the target rate."""
@@ -126,16 +166,31 @@ class _Grid:
     n_frames: int
     fps: float
     clip_len: int
-    step: float  # source frames per output frame
+    step: float  # source frames per output frame (without times)
     n_out: int  # output frames on the grid
+    times: np.ndarray | None = None  # each source frame's presentation time, when planned in real time
+    target_fps: float | None = None
 
     @classmethod
-    def of(cls, n_frames: int, fps: float, clip_len: int, target_fps: float | None) -> _Grid:
+    def of(
+        cls,
+        n_frames: int,
+        fps: float,
+        clip_len: int,
+        target_fps: float | None,
+        times: Sequence[float] | None = None,
+    ) -> _Grid:
         _check_int("n_frames", n_frames, 1)
         _check_rate("fps", fps)
         _check_int("clip_len", clip_len, 1)
         if target_fps is not None:
             _check_rate("target_fps", target_fps)
+        if times is not None:
+            seconds = _check_times(times, int(n_frames))
+            if target_fps is None:  # every frame, whatever its spacing
+                return cls(int(n_frames), float(fps), int(clip_len), 1.0, int(n_frames), seconds, None)
+            n_out = math.floor((seconds[-1] - seconds[0]) * float(target_fps) + _EPS) + 1
+            return cls(int(n_frames), float(fps), int(clip_len), 1.0, n_out, seconds, float(target_fps))
         rate = float(target_fps) if target_fps is not None else float(fps)
         step = float(fps) / rate
         n_out = math.floor((int(n_frames) - 1) / step + _EPS) + 1
@@ -150,16 +205,39 @@ class _Grid:
         out = []
         for clip_index, start in enumerate(starts):
             grid = np.minimum(np.arange(start, start + self.clip_len), self.n_out - 1)
-            # The nearest source frame to each grid time: 29.97 → 15 fps takes every 2nd frame.
-            src = np.minimum(np.floor(grid * self.step + 0.5).astype(np.int64), self.n_frames - 1)
-            indices = tuple(int(i) for i in src)
-            out.append(ClipPlan(clip_index, indices, indices[0] / self.fps, indices[-1] / self.fps))
+            indices = tuple(int(i) for i in self._sources(grid))
+            if self.times is None:
+                first_s, last_s = indices[0] / self.fps, indices[-1] / self.fps
+            else:
+                first_s, last_s = float(self.times[indices[0]]), float(self.times[indices[-1]])
+            out.append(ClipPlan(clip_index, indices, first_s, last_s))
         return out
+
+    def _sources(self, grid: np.ndarray) -> np.ndarray:
+        """The nearest source frame to each grid point: 29.97 → 15 fps takes every 2nd frame."""
+        if self.times is None:
+            return np.minimum(np.floor(grid * self.step + 0.5).astype(np.int64), self.n_frames - 1)
+        if self.target_fps is None:
+            return grid
+        wanted = self.times[0] + grid / self.target_fps
+        after = np.minimum(np.searchsorted(self.times, wanted), self.n_frames - 1)
+        before = np.maximum(after - 1, 0)
+        closer_before = (wanted - self.times[before]) <= (self.times[after] - wanted)
+        return np.where(closer_before, before, after)
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_times(times: Sequence[float], n_frames: int) -> np.ndarray:
+    seconds = np.asarray(times, dtype=np.float64)
+    if seconds.shape != (n_frames,):
+        raise ValueError(f"times: must hold one time per frame ({n_frames}), got shape {seconds.shape}")
+    if not np.all(np.isfinite(seconds)) or np.any(np.diff(seconds) <= 0):
+        raise ValueError("times: must be finite and strictly increasing")
+    return seconds
 
 
 def _check_rate(name: str, value: object) -> None:

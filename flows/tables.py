@@ -64,7 +64,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         _optional("duration_s", pa.float64()), _optional("fps", pa.float64()),
         _optional("n_frames", pa.int64()), _optional("width", pa.int32()), _optional("height", pa.int32()),
         _optional("codec", pa.string()), _optional("has_audio", pa.bool_()), _required("status", pa.string()),
-        *_RUN,
+        _optional("status_reason", pa.string()), *_RUN,
     ]),
     "classifications": pa.schema([
         *_PREDICTION, _required("head", pa.string()), _required("label", pa.string()),
@@ -99,6 +99,7 @@ VIDEO_KEY = ("video_id",)
 SENTIMENT_SCOPES = ("video", "segment")
 # Optional columns a writer may leave out: filled with nulls (columns added to a table after it was created).
 _MAY_OMIT: dict[str, frozenset[str]] = {
+    "videos": frozenset({"status_reason"}),
     "errors": frozenset({"transient", "attempts", "first_seen", "last_seen"}),
 }
 # Table properties of every Delta table here: a checkpoint every N commits keeps opening a table fast as

@@ -110,6 +110,10 @@ def _bench(args: argparse.Namespace) -> int:
 
         kwargs = {k: getattr(args, k) for k in ("clips", "workers") if getattr(args, k)}
         bench_train.main(bench_train.BenchTrainConfig(use_gpu=args.gpu, **kwargs))
+    elif args.what == "timeline":
+        from jobs import bench_timeline
+
+        bench_timeline.main(bench_timeline.BenchTimelineConfig())
     elif args.what == "models":
         from jobs import bench_models
 
@@ -266,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("clips", help="decode a corpus into clip rows (Parquet) and error rows")
     p.add_argument("corpus", help="folder or s3:// prefix holding videos")
-    p.add_argument("--out", required=True, help="folder or s3:// prefix for clips/ and errors/")
+    p.add_argument("--out", required=True, help="folder or s3:// prefix for clips/, errors/ and partial/")
     p.add_argument("--clip-len", type=int, default=16, help="frames per clip")
     p.add_argument("--size", type=int, default=112, help="frame height and width, resized in the decoder")
     group = p.add_mutually_exclusive_group()
@@ -281,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_clips)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios against a limit or a peer")
-    p.add_argument("what", choices=("models", "decode", "train", "tag", "scale"))
+    p.add_argument("what", choices=("models", "decode", "train", "tag", "scale", "timeline"))
     p.add_argument("--batch-size", type=int, default=8, help="models: clips per forward pass")
     p.add_argument("--models", help="models: comma-separated names")
     p.add_argument("--threads", type=int, help="models: torch threads (default: torch's own)")

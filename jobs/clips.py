@@ -1,4 +1,5 @@
-"""`reelflow clips`: a corpus's decoded clips to Parquet, and its unreadable videos to an errors table."""
+"""`reelflow clips`: a corpus's decoded clips to Parquet, its unreadable videos to an errors table, and why
+the videos that gave clips from only part of themselves did (truncated, cut mid-GOP) to a partial table."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from flows import storage
-from flows.clips import ClipConfig, corpus_clips, read_errors
+from flows.clips import PARTIAL_SCHEMA, ClipConfig, corpus_clips, read_errors
 from jobs.runtime import console, init_ray
 
 
@@ -26,6 +27,7 @@ class ClipsSummary:
     clips: int
     errors: int
     seconds: float
+    partial: int = 0
 
     @property
     def clips_per_s(self) -> float:
@@ -33,26 +35,29 @@ class ClipsSummary:
 
 
 def main(config: ClipsJobConfig) -> ClipsSummary:
-    """Decode every video under `config.corpus`; clips go to OUT/clips/, failures to OUT/errors/."""
+    """Decode every video under `config.corpus`; clips go to OUT/clips/, failures to OUT/errors/, partial
+    videos' reasons to OUT/partial/."""
     init_ray(config.ray_address)
     clips_uri = storage.join_uri(config.out, "clips")
     errors_uri = storage.join_uri(config.out, "errors")
-    for stale in (clips_uri, errors_uri):
+    partial_uri = storage.join_uri(config.out, "partial")
+    for stale in (clips_uri, errors_uri, partial_uri):
         if storage.exists(stale):
             storage.remove(stale, recursive=True)
 
     started = time.perf_counter()
-    clips, videos = corpus_clips(config.corpus, config.clips, errors_uri)
+    clips, videos = corpus_clips(config.corpus, config.clips, errors_uri, partial_uri)
     console.print(f"[bold]clips[/]: {len(videos)} videos under {config.corpus} → {config.out}")
     fs, path = storage.arrow_filesystem(clips_uri)
     clips.write_parquet(path, filesystem=fs)
     seconds = time.perf_counter() - started
 
     n_clips = _count_rows(clips_uri)
-    summary = ClipsSummary(len(videos), n_clips, read_errors(errors_uri).num_rows, seconds)
+    partial = read_errors(partial_uri, PARTIAL_SCHEMA).num_rows
+    summary = ClipsSummary(len(videos), n_clips, read_errors(errors_uri).num_rows, seconds, partial)
     console.print(
-        f"[bold green]done[/]: {summary.videos} videos, {summary.clips} clips, {summary.errors} errors "
-        f"in {summary.seconds:.1f} s ({summary.clips_per_s:.1f} clips/s)"
+        f"[bold green]done[/]: {summary.videos} videos, {summary.clips} clips, {summary.errors} errors, "
+        f"{summary.partial} partial in {summary.seconds:.1f} s ({summary.clips_per_s:.1f} clips/s)"
     )
     return summary
 

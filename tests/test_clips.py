@@ -22,6 +22,7 @@ import ray.cloudpickle
 
 from flows import storage
 from flows.clips import (
+    PARTIAL_SCHEMA,
     ClipConfig,
     clip_dataset,
     corpus_clips,
@@ -39,7 +40,13 @@ for _pickler in (cloudpickle, ray.cloudpickle):
     _pickler.register_pickle_by_value(sys.modules[__name__])
 
 SMALL = ClipConfig(clip_len=4, size=(32, 32), clips_per_video=2)
-BROKEN_IN_SHARED = {"moviepy/result.webm", "file-type/fixture-corrupt.mkv", "mediabunny/annex-b.mp4"}
+BROKEN_IN_SHARED = {"moviepy/result.webm", "file-type/fixture-corrupt.mkv"}
+# Clips from what is there, and why it is partial: the first 100,000 bytes of a 35 s recording, and a
+# 3-frame phone clip shorter than one 4-frame clip.
+PARTIAL_IN_SHARED = {
+    "mediabunny/annex-b.mp4": "truncated: the header says 35.2 s, the stream holds 0.5 s",
+    "decord/video_90.mov": "shorter than a clip: 3 of 4 frames, the last one repeated",
+}
 
 
 @pytest.fixture(scope="session")
@@ -66,12 +73,17 @@ def _rows(frame: Any) -> Iterator[dict[str, Any]]:
 def test_shared_videos_give_clips_or_error_rows(
     ray_session: None, shared_videos: Path, tmp_path: Path
 ) -> None:
-    clips, videos = corpus_clips(str(shared_videos), SMALL, str(tmp_path / "errors"))
+    clips, videos = corpus_clips(
+        str(shared_videos), SMALL, str(tmp_path / "errors"), str(tmp_path / "partial")
+    )
     rows = collect(clips)
     errors = read_errors(str(tmp_path / "errors")).to_pylist()
 
     failed = {Path(e["uri"]).relative_to(shared_videos).as_posix(): e for e in errors}
     assert set(failed) == BROKEN_IN_SHARED
+    partial = read_errors(str(tmp_path / "partial"), PARTIAL_SCHEMA).to_pylist()
+    reasons = {Path(p["uri"]).relative_to(shared_videos).as_posix(): p["status_reason"] for p in partial}
+    assert reasons == PARTIAL_IN_SHARED
     assert all(e["message"].startswith(e["uri"]) and e["error_type"] for e in errors)
     assert failed["moviepy/result.webm"]["error_type"] == "EmptyFile"
 

@@ -339,3 +339,47 @@ def test_assembles_real_decoded_frames(shared_videos):
     for clip in clips:
         assert clip.frames.shape == (8, 32, 48, 3) and clip.frames.dtype == np.uint8
         np.testing.assert_allclose(clip.times_s, np.array(clip.plan.frame_indices) / info.fps, atol=1e-3)
+
+
+# --- planning over real presentation times ------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    gaps=st.lists(st.sampled_from([0.004, 0.033, 0.04, 0.1, 0.8, 5.0]), min_size=1, max_size=300),
+    target=st.sampled_from([5.0, 15.0, 30.0]),
+    clip_len=clip_len_st,
+)
+def test_planning_over_times_takes_the_frame_nearest_each_grid_second(gaps, target, clip_len) -> None:
+    times = np.concatenate([[2.0], 2.0 + np.cumsum(gaps)])
+    plans = sampling.sliding_windows(len(times), 25.0, clip_len, clip_len, target, times=times)
+    n_out = sampling.grid_frames(len(times), 25.0, target, times=times)
+    assert n_out == int(np.floor((times[-1] - times[0]) * target + 1e-6)) + 1
+    for plan in plans:
+        start = plan.clip_index * clip_len if plan is not plans[-1] else max(0, n_out - clip_len)
+        grid = np.minimum(np.arange(start, start + clip_len), n_out - 1)
+        wanted = times[0] + grid / target
+        got = times[list(plan.frame_indices)]
+        assert np.allclose(np.abs(got - wanted), np.abs(times[None, :] - wanted[:, None]).min(axis=1))
+        assert (plan.start_s, plan.end_s) == (got[0], got[-1])
+
+
+def test_planning_over_times_without_a_target_rate_takes_consecutive_frames() -> None:
+    times = np.array([0.0, 0.01, 0.02, 1.5, 1.51, 4.0])
+    plans = sampling.uniform_clips(6, 30.0, 3, 2, times=times)
+    assert [p.frame_indices for p in plans] == [(1, 2, 3), (3, 4, 5)]
+    assert [(p.start_s, p.end_s) for p in plans] == [(0.01, 1.5), (1.5, 4.0)]
+    assert [p.frame_indices for p in sampling.shifted(plans, 10)] == [(11, 12, 13), (13, 14, 15)]
+
+
+@pytest.mark.parametrize(
+    ("times", "message"),
+    [
+        ([0.0, 0.1], "one time per frame"),
+        ([0.0, 0.1, 0.1], "strictly increasing"),
+        ([0, 1, np.nan], "finite"),
+    ],
+)
+def test_bad_times_are_refused(times, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        sampling.uniform_clips(3, 30.0, 2, 1, times=times)

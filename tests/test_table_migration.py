@@ -22,6 +22,11 @@ LEGACY_ERRORS = pa.schema(
      ("video_id", "uri", "stage", "error_type", "message", "model_name", "model_version", "job_run_id")]
 )  # fmt: skip
 
+# The previous format's videos files had no status_reason.
+LEGACY_VIDEOS = tables.file_schema("videos").remove(
+    tables.file_schema("videos").get_field_index("status_reason")
+)
+
 
 def legacy_rows(job: str, videos: list[str], failed: list[str]) -> dict[str, pa.Table]:
     """One run's files as the previous format wrote them (`run_date` in the path, not in the file)."""
@@ -45,7 +50,7 @@ def legacy_rows(job: str, videos: list[str], failed: list[str]) -> dict[str, pa.
         for v in failed
     ]  # fmt: skip
     return {
-        "videos": pa.Table.from_pydict(video_rows, schema=tables.file_schema("videos")),
+        "videos": pa.Table.from_pydict(video_rows, schema=LEGACY_VIDEOS),
         "classifications": pa.Table.from_pydict(
             classifications, schema=tables.file_schema("classifications")
         ),

@@ -443,3 +443,30 @@ def test_transient_errors_are_retried_until_they_pass_and_permanent_ones_are_not
     assert cli.main([*args, "--retry-errors", "--max-attempts", "1"]) == 0  # through the command line
     assert _error_rows(tables_uri)["corrupt.mp4"]["attempts"] == 2
     assert tag_night().decoded == 0
+
+
+def test_a_partly_decodable_video_is_tagged_partial_with_its_reason_and_no_error_row(
+    ray_session, local_corpus, tagging_model, tmp_path
+):
+    from jobs.suspect_videos import mid_gop_ts, truncated_mkv
+
+    corpus = copy_corpus(local_corpus, tmp_path / "corpus", 2, broken=False)
+    truncated_mkv(corpus)
+    mid_gop_ts(corpus)
+    tables_uri = str(tmp_path / "tables")
+    summary = tag.main(_config(str(corpus), tables_uri, tagging_model))
+    assert (summary.tagged, summary.failed) == (4, 0)
+    videos = query.run_sql(tables_uri, "SELECT uri, status, status_reason, n_frames FROM videos ORDER BY uri")
+    by_name = {Path(v["uri"]).name: v for v in videos.to_pylist()}
+    assert by_name["truncated.mkv"]["status"] == "partial"
+    assert by_name["truncated.mkv"]["status_reason"].startswith("truncated: the header says 1132.0 s")
+    assert by_name["truncated.mkv"]["n_frames"] < 120  # the frames there, not the 27,000 the header implies
+    assert (
+        by_name["mid_gop.ts"]["status"] == "partial"
+        and "cut mid-GOP" in by_name["mid_gop.ts"]["status_reason"]
+    )
+    assert [v["status"] for name, v in by_name.items() if name.endswith(".mp4")] == ["ok", "ok"]
+    assert all(v["status_reason"] is None for name, v in by_name.items() if name.endswith(".mp4"))
+    assert query.run_sql(tables_uri, "SELECT count(*) AS n FROM errors").column("n")[0].as_py() == 0
+    tagged = query.run_sql(tables_uri, "SELECT DISTINCT uri FROM classifications").column("uri").to_pylist()
+    assert {Path(u).name for u in tagged} >= {"truncated.mkv", "mid_gop.ts"}

@@ -159,13 +159,14 @@ def tag_in_chunks(
         chunk_started = time.perf_counter()
         chunk = ChunkPlan.read(parts, models)
         console.print(f"chunk {index + 1}: tagging {len(chunk.videos)} videos")
-        errors_uri = storage.join_uri(scratch, f"chunk-{index + 1}")
+        errors_uri = storage.join_uri(scratch, f"chunk-{index + 1}", "errors")
         outcome, inference_started = _tag_chunk_retrying(
             chunk, models, clip_config, config.predict, config.aggregate, tables_uri=writer.tables_uri,
             job_run_id=writer.job_run_id, run_date=writer.run_date, errors_uri=errors_uri,
+            partial_uri=storage.join_uri(scratch, f"chunk-{index + 1}", "partial"),
         )  # fmt: skip
         committed = writer.commit_chunk(outcome.files, chunk.removals(models, full=config.full) or None)
-        storage.remove(errors_uri, recursive=True)
+        storage.remove(storage.join_uri(scratch, f"chunk-{index + 1}"), recursive=True)
         if outcome.times is not None and first_at is None:  # start-up: until the first predictions
             first_at = outcome.times.first_at
             summary.startup_s = first_at - inference_started
@@ -191,21 +192,24 @@ def tag_in_chunks(
     storage.remove(scratch, recursive=True)
 
 
-def _tag_chunk_retrying(*args: Any, errors_uri: str, **kwargs: Any) -> tuple[ChunkOutcome, float]:
+def _tag_chunk_retrying(
+    *args: Any, errors_uri: str, partial_uri: str, **kwargs: Any
+) -> tuple[ChunkOutcome, float]:
     """`tag_chunk`, run again from the start when Ray loses part of it (a node that died takes the shuffle's
     state with it). The files of a lost attempt were never committed; `tables vacuum` deletes them."""
     from ray.exceptions import RayError, RayTaskError
 
     for attempt in range(1, CHUNK_ATTEMPTS + 1):
         try:
-            return tag_chunk(*args, errors_uri=errors_uri, **kwargs)
+            return tag_chunk(*args, errors_uri=errors_uri, partial_uri=partial_uri, **kwargs)
         except RayError as err:
             if (isinstance(err, RayTaskError) and not _lost_to_the_cluster(err)) or attempt == CHUNK_ATTEMPTS:
                 raise
             console.print(
                 f"[yellow]the chunk failed on the cluster ({type(err).__name__}); starting it again"
             )
-            storage.remove(errors_uri, recursive=True)
+            for uri in (errors_uri, partial_uri):
+                storage.remove(uri, recursive=True)
     raise AssertionError("unreachable")
 
 

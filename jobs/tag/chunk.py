@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from flows.aggregate import AggregateConfig, VideoSummary
-from flows.clips import ClipConfig, VideoRow, read_errors
+from flows.clips import PARTIAL_SCHEMA, ClipConfig, VideoRow, read_errors
 from flows.inference import PredictionTimes, predictions_by_video, summarize_video, videos_in_block
 from flows.predict import PredictConfig
 from flows.table_files import DataFile, write_files
@@ -47,6 +47,7 @@ class ChunkContext:
     job_run_id: str
     run_date: dt.date
     errors_uri: str
+    partial_uri: str
 
 
 @dataclass
@@ -85,6 +86,7 @@ def tag_chunk(
     job_run_id: str,
     run_date: dt.date,
     errors_uri: str,
+    partial_uri: str,
 ) -> tuple[ChunkOutcome, float]:
     """Tag the chunk's videos and write their rows as uncommitted files; returns what was written and the
     wall-clock time inference started at."""
@@ -92,12 +94,14 @@ def tag_chunk(
 
     context = ChunkContext(
         ray.put(plan), [replace(m, module=None) for m in models], aggregate, tables_uri, job_run_id, run_date,
-        errors_uri,
+        errors_uri, partial_uri,
     )  # fmt: skip
     cpus = int(ray.cluster_resources().get("CPU", 1))
     writers = max(1, min(math.ceil(len(plan.videos) / VIDEOS_PER_WRITER), cpus))
     started = time.time()
-    grouped = predictions_by_video(plan.videos, models, clip_config, predict, errors_uri, writers)
+    grouped = predictions_by_video(
+        plan.videos, models, clip_config, predict, errors_uri, writers, partial_uri
+    )
     written = grouped.map_batches(
         write_block, batch_size=None, batch_format="pyarrow", fn_kwargs={"context": context}
     )
@@ -114,11 +118,16 @@ def write_block(block: pa.Table, context: ChunkContext) -> pa.Table:
     """Ray Data UDF: a block of whole videos' prediction rows → their rows of every table, written as
     files; returns one `WRITTEN` row (the files as JSON, and the block's counts)."""
     rows, videos, errors = _chunk_rows(context)
+    partial = {
+        p["video_id"]: p["status_reason"]
+        for p in read_errors(context.partial_uri, PARTIAL_SCHEMA).to_pylist()
+    }
     labels: dict[str, Counter[str]] = {}
     tagged = 0
     for video in videos_in_block(block, context.models):
         summaries = summarize_video(video, context.models, context.aggregate)
-        rows.add(videos[video.video_id], video.info, summaries, errors.get(video.video_id))
+        vid = video.video_id
+        rows.add(videos[vid], video.info, summaries, errors.get(vid), partial.get(vid))
         count_top_labels(summaries, context.models, labels)
         tagged += 1
     times = PredictionTimes.of(block)

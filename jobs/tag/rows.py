@@ -39,15 +39,21 @@ class ChunkRows:
         info: Mapping[str, Any],
         summaries: Sequence[VideoSummary] | None,
         error: Mapping[str, Any] | None,
+        partial_reason: str | None = None,
     ) -> None:
-        """Add one video's rows: `summaries` (one per model) when it gave clips, `error` when it failed."""
+        """Add one video's rows: `summaries` (one per model) when it gave clips, `error` when it failed (part
+        way, if it also gave clips), `partial_reason` when it gave clips from only part of itself."""
         vid = video.video_id
         todo = [self.models[i] for i in self.plan.models_todo.get(vid, ())]
         if vid in self.rewritten:
-            status = "ok" if summaries and not error else "partial" if summaries else "failed"
+            status = (
+                "ok" if summaries and not (error or partial_reason) else "partial" if summaries else "failed"
+            )
+            reasons = [partial_reason, error and f"{error['error_type']}: {error['message']}"]
             self.rows["videos"].append(
                 {"video_id": vid, "uri": video.uri, "size_bytes": video.size_bytes, "etag": video.etag,
-                 **{c: info.get(c) for c in INFO_COLUMNS}, "status": status, "run_date": self.run_date}
+                 **{c: info.get(c) for c in INFO_COLUMNS}, "status": status,
+                 "status_reason": "; ".join(r for r in reasons if r) or None, "run_date": self.run_date}
             )  # fmt: skip
         if error is not None:
             transient = is_transient(error["stage"], error["error_type"])
