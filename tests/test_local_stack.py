@@ -92,6 +92,15 @@ def test_cluster_sh_models_a_head_with_no_cpus_and_a_node_declaring_a_gpu(ray_se
         assert placed["gpu_pool"] == [gpu_node]  # --gpus true: the inference actors are on the GPU node
         workers = {node for node, n in cpus.items() if n > 0}
         assert set(placed["cpu_pool"]) <= workers and set(placed["decode"]) <= workers  # never the head
+
+        # The documented check: `ray job submit --working-dir . -- python infra/ray/smoke.py --nodes 3`.
+        smoke = client.submit_job(entrypoint="python infra/ray/smoke.py --nodes 3 --timeout 60",
+                                  runtime_env={"working_dir": str(REPO)})  # fmt: skip
+        status, logs = wait_for_job(client, smoke), client.get_job_logs(smoke)
+        assert status == JobStatus.SUCCEEDED, logs
+        (line,) = [json.loads(x[len("SMOKE ") :]) for x in logs.splitlines() if x.startswith("SMOKE ")]
+        assert line["ok"] and line["without_cpus"] == [head] and len(line["nodes"]) == 3
+        assert {t["node_id"] for t in line["tasks"]} == workers
     finally:
         down = subprocess.run([script, "down"], env=env, capture_output=True, text=True, timeout=120)
         shutil.rmtree(root, ignore_errors=True)
