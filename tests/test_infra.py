@@ -50,7 +50,9 @@ SECRET_ENV = re.compile(r"(SECRET|TOKEN|PASSWORD|ACCESS_KEY|SESSION_KEY)", re.IG
 
 
 def k8s_documents() -> dict[str, list[dict]]:
-    return {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d] for p in sorted(K8S.glob("*.yaml"))}
+    """The documents of every manifest under infra/k8s, by path relative to it."""
+    return {p.relative_to(K8S).as_posix(): [d for d in yaml.safe_load_all(p.read_text()) if d]
+            for p in sorted(K8S.rglob("*.yaml"))}  # fmt: skip
 
 
 def by_kind(kind: str) -> list[dict]:
@@ -182,6 +184,54 @@ def test_every_object_store_fits_its_dev_shm() -> None:
         assert store < shm <= memory // 2, (where, store, shm, memory)
 
 
+def selects(selector: dict, labels: dict) -> bool:
+    """Whether a Kubernetes label selector (matchLabels, matchExpressions In/Exists) selects `labels`."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        if (e["operator"] == "Exists" and e["key"] not in labels) or (
+            e["operator"] == "In" and labels.get(e["key"]) not in e["values"]
+        ):
+            return False
+    return True
+
+
+def test_the_jobs_api_wants_a_token_and_is_reachable_only_from_the_submitters() -> None:
+    """Every Ray cluster runs with token auth; the heads admit the dashboard port (the Jobs API) only from
+    pods labelled as submitters and from the KubeRay operator's namespace, and each submitter is so labelled
+    and gets the token from the cluster's Secret by reference."""
+    for name, cluster in ray_cluster_specs():
+        assert cluster["spec"]["authOptions"] == {"mode": "token"}, name
+    (policy,) = by_kind("NetworkPolicy")
+    for name, cluster in ray_cluster_specs():
+        # KubeRay adds ray.io/node-type to the pods it makes.
+        labels = cluster["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+        assert selects(policy["spec"]["podSelector"], {**labels, "ray.io/node-type": "head"}), name
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    ray_pods, dashboard = policy["spec"]["ingress"]
+    assert "ports" not in ray_pods and dashboard["ports"] == [{"protocol": "TCP", "port": 8265}]
+    (submitters, operator) = dashboard["from"]
+    assert "namespaceSelector" in operator and "podSelector" not in operator
+    (cron,) = by_kind("CronJob")
+    (rayjob,) = by_kind("RayJob")
+    submitter_pods = [cron["spec"]["jobTemplate"]["spec"]["template"], rayjob["spec"]["submitterPodTemplate"]]
+    for pod in submitter_pods:
+        assert selects(submitters["podSelector"], pod["metadata"]["labels"])
+        assert not selects(ray_pods["from"][0]["podSelector"], pod["metadata"]["labels"])
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    (standing,) = by_kind("RayCluster")  # KubeRay's generated Secret is named after the cluster
+    ref = {"name": standing["metadata"]["name"], "key": "auth_token"}
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == ref
+
+
+def test_the_launchers_dashboard_listens_on_loopback_only() -> None:
+    """Reached through `ray dashboard`'s SSH tunnel, not from the VPC."""
+    (head_start,) = [c for c in launcher_config()["head_start_ray_commands"] if "ray start --head" in c]
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+
+
 def test_cluster_launcher_config_passes_rays_own_validation() -> None:
     from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -219,7 +269,9 @@ KINDS = {
     "RayCluster": "ray.io/v1",
     "RayJob": "ray.io/v1",
     "CronJob": "batch/v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
     "Kustomization": "kustomize.config.k8s.io/v1beta1",
+    "Component": "kustomize.config.k8s.io/v1alpha1",
 }
 
 
@@ -229,7 +281,7 @@ def test_every_manifest_document_is_a_known_kind_with_name_and_namespace() -> No
     for file, documents in docs.items():
         for doc in documents:
             assert KINDS.get(doc.get("kind")) == doc.get("apiVersion"), f"{file}: {doc.get('kind')}"
-            if doc["kind"] == "Kustomization":
+            if doc["kind"] in ("Kustomization", "Component"):
                 continue
             assert doc["metadata"]["name"], file
             if doc["kind"] != "Namespace":
@@ -240,8 +292,27 @@ def test_kustomization_applies_every_standing_manifest() -> None:
     (kustomization,) = k8s_documents()["kustomization.yaml"]
     listed = set(kustomization["resources"])
     assert all((K8S / name).is_file() for name in listed)
-    # Everything but the one-off training run is applied by `kubectl apply -k infra/k8s`.
-    assert set(k8s_documents()) - listed == {"kustomization.yaml", "rayjob-train.yaml"}
+    # Everything but the one-off training run is applied by `kubectl apply -k infra/k8s`; the run has its own.
+    kustomizations = {"kustomization.yaml", "image/kustomization.yaml", "train/kustomization.yaml"}
+    assert set(k8s_documents()) - listed == kustomizations | {"train/rayjob-train.yaml"}
+    (train,) = k8s_documents()["train/kustomization.yaml"]
+    assert train["resources"] == ["rayjob-train.yaml"] and train["components"] == ["../image"]
+    assert kustomization["components"] == ["image"]
+
+
+def test_kustomize_pins_the_image_by_digest_for_every_container() -> None:
+    """Both kustomizations (the standing resources, the training run) take the one image by digest."""
+    (component,) = k8s_documents()["image/kustomization.yaml"]
+    (image,) = component["images"]
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", image["digest"]) and "newTag" not in image
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl not installed (it builds the kustomizations)")
+    for folder in (K8S, K8S / "train"):
+        built = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True,
+                               check=True)  # fmt: skip
+        images = re.findall(r"^\s*image: (\S+)", built.stdout, re.MULTILINE)
+        assert images and set(images) == {f"{image['name']}@{image['digest']}"}, folder
 
 
 def test_ray_clusters_are_read_by_the_kuberay_autoscaler() -> None:
@@ -292,7 +363,7 @@ def test_core_kubernetes_objects_and_pod_templates_pass_the_kubernetes_schemas()
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     version = "1.30.0"  # CronJob.timeZone is GA from 1.27
     for doc in [d for docs in k8s_documents().values() for d in docs]:
-        if doc["apiVersion"] in ("v1", "batch/v1"):
+        if doc["apiVersion"] in ("v1", "batch/v1", "networking.k8s.io/v1"):
             kubernetes_validate.validate(doc, version, strict=True)
     for where, pod in pod_specs():  # the pod templates inside the KubeRay resources, as core PodTemplates
         template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": where.replace("/", "-")},
@@ -527,7 +598,7 @@ def test_the_cronjob_runs_the_nightly_wrapper_within_its_deadline() -> None:
     job = cron["spec"]["jobTemplate"]["spec"]
     (container,) = job["template"]["spec"]["containers"]
     assert container["command"] == ["/home/ray/reelflow/infra/schedule/nightly-tag.sh"]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert int(env["REELFLOW_DEADLINE_S"]) < job["activeDeadlineSeconds"]  # the wrapper stops the job first
     # The image holds the wrapper where the command names it.
     assert ("COPY", "--chown=1000:100 infra/schedule/ infra/schedule/") in dockerfile_instructions()
