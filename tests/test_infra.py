@@ -315,6 +315,54 @@ def test_kustomize_pins_the_image_by_digest_for_every_container() -> None:
         assert images and set(images) == {f"{image['name']}@{image['digest']}"}, folder
 
 
+# The custom resources' schemas, vendored from the versions the deployment targets (infra/schemas/README.md).
+CRD_SCHEMAS = {
+    ("ray.io/v1", "RayCluster"): "kuberay-v1.7.0/RayCluster.v1.json",
+    ("ray.io/v1", "RayJob"): "kuberay-v1.7.0/RayJob.v1.json",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "prometheus-operator-v0.93.0/PodMonitor.v1.json",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "prometheus-operator-v0.93.0/ServiceMonitor.v1.json",
+}
+
+
+def strict(schema: dict) -> dict:
+    """An OpenAPI schema that rejects unknown fields, as `kubectl apply --validate=strict` does: every object
+    with declared properties gets `additionalProperties: false` unless it preserves unknown fields."""
+    out = dict(schema)
+    if "properties" in out:
+        out["properties"] = {name: strict(s) for name, s in out["properties"].items()}
+        if "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    for key in ("items", "additionalProperties"):
+        if isinstance(out.get(key), dict):
+            out[key] = strict(out[key])
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in out:
+            out[key] = [strict(s) for s in out[key]]
+    return out
+
+
+def crd_errors(doc: dict) -> list[str]:
+    """Where a custom resource breaks its CRD's schema (unknown fields included)."""
+    from jsonschema import Draft7Validator
+
+    schema = json.loads((INFRA / "schemas" / CRD_SCHEMAS[(doc["apiVersion"], doc["kind"])]).read_text())
+    errors = Draft7Validator(strict(schema)).iter_errors(doc)
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
+
+
+def test_custom_resources_pass_their_crd_schemas_with_unknown_fields_rejected() -> None:
+    docs = [d for documents in k8s_documents().values() for d in documents]
+    custom = [d for d in docs if (d["apiVersion"], d["kind"]) in CRD_SCHEMAS]
+    assert {d["kind"] for d in custom} >= {"RayCluster", "RayJob"}
+    for doc in custom:
+        assert crd_errors(doc) == [], doc["metadata"]["name"]
+    (cluster,) = by_kind("RayCluster")
+    misspelt = copy.deepcopy(cluster)
+    head = misspelt["spec"]["headGroupSpec"]
+    head["rayStartParam"] = head.pop("rayStartParams")
+    assert any("rayStartParam" in e for e in crd_errors(misspelt))
+
+
 def test_ray_clusters_are_read_by_the_kuberay_autoscaler() -> None:
     """KubeRay's autoscaler turns each cluster spec into an autoscaling config and validates it."""
     from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
