@@ -208,7 +208,8 @@ def test_the_jobs_api_wants_a_token_and_is_reachable_only_from_the_submitters() 
         labels = cluster["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]
         assert selects(policy["spec"]["podSelector"], {**labels, "ray.io/node-type": "head"}), name
     assert policy["spec"]["policyTypes"] == ["Ingress"]
-    ray_pods, dashboard = policy["spec"]["ingress"]
+    ray_pods, dashboard, prometheus = policy["spec"]["ingress"]
+    assert {p["port"] for p in prometheus["ports"]} == {8080, 44217, 44227}  # the metrics ports only
     assert "ports" not in ray_pods and dashboard["ports"] == [{"protocol": "TCP", "port": 8265}]
     (submitters, operator) = dashboard["from"]
     assert "namespaceSelector" in operator and "podSelector" not in operator
@@ -230,6 +231,76 @@ def test_the_launchers_dashboard_listens_on_loopback_only() -> None:
     """Reached through `ray dashboard`'s SSH tunnel, not from the VPC."""
     (head_start,) = [c for c in launcher_config()["head_start_ray_commands"] if "ray start --head" in c]
     assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+
+
+def test_every_ray_pod_ships_its_logs_and_exposes_its_metrics() -> None:
+    """Ray's logs live in the pod and die with it: a sidecar tails them to S3. Every Ray container declares
+    the metrics port the monitors scrape, and each group has the priority class of its role."""
+    (shipping,) = [c for c in by_kind("ConfigMap") if c["metadata"]["name"] == "reelflow-log-shipping"]
+    conf = shipping["data"]["fluent-bit.conf"]
+    assert "Path             /tmp/ray/session_latest/logs/*" in conf and "Name             s3" in conf
+    for where, _params, spec in ray_groups():
+        ray_container = next(c for c in spec["containers"] if c["name"].startswith("ray-"))
+        (logs,) = [m["name"] for m in ray_container["volumeMounts"] if m["mountPath"] == "/tmp/ray"]
+        (shipper,) = [c for c in spec["containers"] if c["name"] == "log-shipper"]
+        mounts = {m["mountPath"]: m for m in shipper["volumeMounts"]}
+        assert mounts["/tmp/ray"]["name"] == logs and mounts["/tmp/ray"]["readOnly"], where
+        config = next(v for v in spec["volumes"] if v["name"] == mounts["/fluent-bit/etc"]["name"])
+        assert config["configMap"]["name"] == "reelflow-log-shipping", where
+        ports = {p["name"]: p["containerPort"] for p in ray_container["ports"]}
+        assert ports["metrics"] == 8080, where
+        role = "head" if where.endswith("/head") else "worker"
+        assert spec["priorityClassName"] == f"reelflow-ray-{role}", where
+        if role == "head":
+            assert {ports["as-metrics"], ports["dash-metrics"]} == {44217, 44227}, where
+    assert {c["metadata"]["name"] for c in by_kind("PriorityClass")} == {
+        "reelflow-ray-head",
+        "reelflow-ray-worker",
+    }
+
+
+def test_monitors_scrape_the_ports_the_ray_pods_declare() -> None:
+    (heads,) = by_kind("ServiceMonitor")
+    (workers,) = by_kind("PodMonitor")
+    assert heads["spec"]["selector"]["matchLabels"] == {"ray.io/node-type": "head"}  # KubeRay's head Services
+    assert {e["port"] for e in heads["spec"]["endpoints"]} == {"metrics", "as-metrics", "dash-metrics"}
+    for name, cluster in ray_cluster_specs():
+        for group in cluster["spec"]["workerGroupSpecs"]:
+            labels = {**group["template"]["metadata"]["labels"], "ray.io/node-type": "worker"}
+            assert selects(workers["spec"]["selector"], labels), f"{name}/{group['groupName']}"
+    assert [e["port"] for e in workers["spec"]["podMetricsEndpoints"]] == ["metrics"]
+    (config,) = [c for c in by_kind("ConfigMap") if c["metadata"]["name"] == "reelflow-config"]
+    assert {"RAY_GRAFANA_HOST", "RAY_PROMETHEUS_HOST", "RAY_GRAFANA_IFRAME_HOST"} <= set(config["data"])
+
+
+def test_the_heads_pod_is_never_evicted_voluntarily() -> None:
+    (budget,) = by_kind("PodDisruptionBudget")
+    (cluster,) = by_kind("RayCluster")
+    assert budget["spec"]["maxUnavailable"] == 0
+    labels = {"ray.io/cluster": cluster["metadata"]["name"], "ray.io/node-type": "head"}  # KubeRay's labels
+    assert selects(budget["spec"]["selector"], labels)
+
+
+def test_gcs_fault_tolerance_is_a_component_that_yields_a_valid_raycluster(tmp_path: Path) -> None:
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl not installed (it builds the kustomizations)")
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S, overlay)],
+        "components": [os.path.relpath(K8S / "gcs-ft", overlay)],
+    }
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    built = subprocess.run([kubectl, "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(overlay)],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    (cluster,) = [d for d in yaml.safe_load_all(built.stdout) if d["kind"] == "RayCluster"]
+    options = cluster["spec"]["gcsFaultToleranceOptions"]
+    password = options["redisPassword"]["valueFrom"]["secretKeyRef"]
+    assert password == {"name": "reelflow-redis", "key": "password"}
+    assert crd_errors(cluster) == []
 
 
 def test_cluster_launcher_config_passes_rays_own_validation() -> None:
@@ -270,6 +341,10 @@ KINDS = {
     "RayJob": "ray.io/v1",
     "CronJob": "batch/v1",
     "NetworkPolicy": "networking.k8s.io/v1",
+    "PriorityClass": "scheduling.k8s.io/v1",
+    "PodDisruptionBudget": "policy/v1",
+    "ServiceMonitor": "monitoring.coreos.com/v1",
+    "PodMonitor": "monitoring.coreos.com/v1",
     "Kustomization": "kustomize.config.k8s.io/v1beta1",
     "Component": "kustomize.config.k8s.io/v1alpha1",
 }
@@ -284,7 +359,7 @@ def test_every_manifest_document_is_a_known_kind_with_name_and_namespace() -> No
             if doc["kind"] in ("Kustomization", "Component"):
                 continue
             assert doc["metadata"]["name"], file
-            if doc["kind"] != "Namespace":
+            if doc["kind"] not in ("Namespace", "PriorityClass"):  # cluster-wide
                 assert doc["metadata"]["namespace"] == "reelflow", file
 
 
@@ -293,11 +368,23 @@ def test_kustomization_applies_every_standing_manifest() -> None:
     listed = set(kustomization["resources"])
     assert all((K8S / name).is_file() for name in listed)
     # Everything but the one-off training run is applied by `kubectl apply -k infra/k8s`; the run has its own.
-    kustomizations = {"kustomization.yaml", "image/kustomization.yaml", "train/kustomization.yaml"}
-    assert set(k8s_documents()) - listed == kustomizations | {"train/rayjob-train.yaml"}
+    folders = {"image", "train", "monitoring", "gcs-ft"}  # components and the training run's own
+    kustomizations = {"kustomization.yaml"} | {f"{f}/kustomization.yaml" for f in folders}
+    others = {"train/rayjob-train.yaml", "monitoring/monitors.yaml"}
+    assert set(k8s_documents()) - listed == kustomizations | others
     (train,) = k8s_documents()["train/kustomization.yaml"]
     assert train["resources"] == ["rayjob-train.yaml"] and train["components"] == ["../image"]
-    assert kustomization["components"] == ["image"]
+    assert kustomization["components"] == ["image", "monitoring"]
+
+
+def containers_in(node: object) -> list[dict]:
+    """Every container (a mapping with a name and an image) anywhere in a manifest."""
+    if isinstance(node, dict):
+        found = [node] if {"name", "image"} <= node.keys() else []
+        return found + [c for value in node.values() for c in containers_in(value)]
+    if isinstance(node, list):
+        return [c for value in node for c in containers_in(value)]
+    return []
 
 
 def test_kustomize_pins_the_image_by_digest_for_every_container() -> None:
@@ -311,8 +398,9 @@ def test_kustomize_pins_the_image_by_digest_for_every_container() -> None:
     for folder in (K8S, K8S / "train"):
         built = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True,
                                check=True)  # fmt: skip
-        images = re.findall(r"^\s*image: (\S+)", built.stdout, re.MULTILINE)
-        assert images and set(images) == {f"{image['name']}@{image['digest']}"}, folder
+        containers = [c for doc in yaml.safe_load_all(built.stdout) for c in containers_in(doc)]
+        ours = {c["image"] for c in containers if c["name"] != "log-shipper"}
+        assert ours == {f"{image['name']}@{image['digest']}"}, folder
 
 
 # The custom resources' schemas, vendored from the versions the deployment targets (infra/schemas/README.md).
@@ -394,8 +482,8 @@ def test_pods_run_as_non_root_with_credentials_from_irsa_or_secrets() -> None:
             ]
             assert not inline, f"{where}: secret-looking env set inline: {inline}"
             assert container["securityContext"]["allowPrivilegeEscalation"] is False, where
-    (config_map,) = by_kind("ConfigMap")
-    assert not [k for k in config_map["data"] if SECRET_ENV.search(k)], "secrets belong in a Secret"
+    for config_map in by_kind("ConfigMap"):
+        assert not [k for k in config_map["data"] if SECRET_ENV.search(k)], "secrets belong in a Secret"
 
 
 def test_no_credentials_anywhere_in_infra() -> None:
@@ -407,11 +495,14 @@ def test_no_credentials_anywhere_in_infra() -> None:
             assert not re.search(r"aws_secret_access_key\s*[=:]\s*\S", text, re.IGNORECASE), path
 
 
+CORE_API_VERSIONS = ("v1", "batch/v1", "networking.k8s.io/v1", "policy/v1", "scheduling.k8s.io/v1")
+
+
 def test_core_kubernetes_objects_and_pod_templates_pass_the_kubernetes_schemas() -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     version = "1.30.0"  # CronJob.timeZone is GA from 1.27
     for doc in [d for docs in k8s_documents().values() for d in docs]:
-        if doc["apiVersion"] in ("v1", "batch/v1", "networking.k8s.io/v1"):
+        if doc["apiVersion"] in CORE_API_VERSIONS:
             kubernetes_validate.validate(doc, version, strict=True)
     for where, pod in pod_specs():  # the pod templates inside the KubeRay resources, as core PodTemplates
         template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": where.replace("/", "-")},
