@@ -303,6 +303,17 @@ def test_gcs_fault_tolerance_is_a_component_that_yields_a_valid_raycluster(tmp_p
     assert crd_errors(cluster) == []
 
 
+def test_every_object_store_spills_to_the_nodes_disk() -> None:
+    for where, _params, spec in ray_groups():
+        (container,) = [c for c in spec["containers"] if c["name"].startswith("ray-")]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        config = json.loads(env["RAY_object_spilling_config"])
+        assert config["type"] == "filesystem", where
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        (volume,) = [v for v in spec["volumes"] if v["name"] == mounts[config["params"]["directory_path"]]]
+        assert "medium" not in volume["emptyDir"] and volume["emptyDir"]["sizeLimit"], where  # disk, bounded
+
+
 def test_cluster_launcher_config_passes_rays_own_validation() -> None:
     from ray.autoscaler._private.util import prepare_config, validate_config
 
