@@ -3,8 +3,8 @@
 Each video is spooled to a local file (decord must never open bytes in memory), probed, planned and
 decoded in one sorted pass inside an isolated child process, so a decoder segfault or hang costs one
 error row, not the job. Clip rows stream out as they are assembled; a video that fails becomes a row
-in the errors side output (one small Parquet file per failed video, named by its id so task retries
-overwrite rather than duplicate it).
+in the errors side output, and one that gave clips from only part of itself a row in the partial one
+(`flows.side_outputs`).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from flows import decode, pyav_decoder, sampling, storage, subtitles
 from flows.isolation import shared_runner
 from flows.media import VideoError, VideoInfo
 from flows.probe import probe
 from flows.pyav_decoder import read_audio
+from flows.side_outputs import ErrorSink
 from flows.timeline import Timeline
 
 log = logging.getLogger(__name__)
@@ -42,21 +42,6 @@ VIDEO_INFO_COLUMNS = {
     "codec": ("video_codec", pa.string()),
     "has_audio": ("has_audio", pa.bool_()),
 }
-ERROR_SCHEMA = pa.schema(
-    [
-        ("video_id", pa.string()),
-        ("uri", pa.string()),
-        ("stage", pa.string()),
-        ("error_type", pa.string()),
-        ("message", pa.string()),
-        ("clips", pa.int32()),  # clips the video gave before it failed (0: it gave none)
-    ]
-)
-# A video that gave clips, but not from all of itself (truncated, cut mid-GOP, undecodable frames, shorter
-# than a clip): why, in the words the videos table's `status_reason` shows.
-PARTIAL_SCHEMA = pa.schema(
-    [("video_id", pa.string()), ("uri", pa.string()), ("status_reason", pa.string()), ("clips", pa.int32())]
-)
 
 
 @dataclass(frozen=True)
@@ -205,9 +190,9 @@ def decode_video(path: str, video_key: str, config: ClipConfig, sidecar_cues: li
     timeline = Timeline.of(table, info)
     times, first, losses = None, 0, []
     if timeline is not None:
-        doubts = [d for d in (info.header_doubt, *timeline.disagreements(info)) if d]
+        losses = timeline.losses(info)
+        doubts = [d for d in (info.header_doubt, *timeline.disagreements(info), *losses) if d]
         if doubts:
-            losses = timeline.losses(info)
             info = timeline.corrected(info, doubts)
             times, first = timeline.planned_times, timeline.first
             log.debug("%s: planned over the stream's timeline: %s", path, info.header_doubt)
@@ -361,40 +346,6 @@ def _clip_row(row: VideoRow, clip: _Clip, config: ClipConfig, info: VideoInfo | 
 # --- the Ray Data stage -----------------------------------------------------------------------------
 
 
-class ErrorSink:
-    """Writes a video's side row to a folder or S3 prefix: one Parquet file per video, named by its id, so
-    a task's retry overwrites rather than duplicates it. An error row for a failed video (ERROR_SCHEMA) or,
-    with `partial`, a partial video's reason (PARTIAL_SCHEMA)."""
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-
-    def write(self, row: VideoRow, error: VideoError, clips: int = 0) -> None:
-        self._put(row, {**error.as_row(), "clips": clips}, ERROR_SCHEMA)
-
-    def partial(self, row: VideoRow, reason: str, clips: int) -> None:
-        self._put(row, {"status_reason": reason, "clips": clips}, PARTIAL_SCHEMA)
-
-    def _put(self, row: VideoRow, values: dict[str, Any], schema: pa.Schema) -> None:
-        table = pa.Table.from_pylist([{"video_id": row.video_id, "uri": row.uri, **values}], schema=schema)
-        fs, path = storage.arrow_filesystem(storage.join_uri(self.uri, f"{row.video_id}.parquet"))
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(table, path, filesystem=fs)
-
-
-def read_errors(uri: str, schema: pa.Schema = ERROR_SCHEMA) -> pa.Table:
-    """Every row written under `uri` (an empty table when there are none): the error rows, or with
-    PARTIAL_SCHEMA the partial videos' reasons."""
-    files = storage.list_files(uri, suffix=".parquet") if storage.exists(uri) else []
-    if not files:
-        return schema.empty_table()
-    tables = []
-    for file in files:
-        filesystem, path = storage.arrow_filesystem(file)
-        tables.append(pq.read_table(path, filesystem=filesystem, schema=schema))
-    return pa.concat_tables(tables)
-
-
 def _clips_udf(
     batch: dict[str, np.ndarray],
     config: ClipConfig,
@@ -474,7 +425,7 @@ def clip_dataset(
     partial_uri: str | None = None,
 ) -> Any:
     """Ray Dataset of video rows → lazy Ray Dataset of clip rows; failures go to `errors_uri`, and the
-    reasons of videos that gave clips from only part of themselves to `partial_uri` (PARTIAL_SCHEMA).
+    reasons of videos that gave clips from only part of themselves to `partial_uri` (`flows.side_outputs`).
 
     Clip rows: {video_id, uri, clip_index, start_s, end_s, frames uint8[T,H,W,3]} plus `audio`
     float32[S] when `config.audio` and `text` when `config.subtitles`. `start_s`/`end_s` are the

@@ -166,7 +166,7 @@ def _decord_time_problem(reader: decord_decoder.decord.VideoReader, table: Frame
     if table.pts is None or len(table.pts) != len(reader) or len(reader) < 2:
         return None
     theirs = decord_decoder.frame_times(reader)
-    ours = (table.pts - table.pts[0]).astype(np.float64) * float(table.time_base)
+    ours = table.times_s()
     off = float(np.abs((theirs - theirs[0]) - ours).max())
     if off >= float(np.median(np.diff(ours))) / 2:
         return f"decord's frame times differ from the stream's by up to {off * 1000:.0f} ms"

@@ -15,8 +15,9 @@ import numpy as np
 import pyarrow as pa
 
 from flows.aggregate import AggregateConfig, VideoClips, VideoSummary, summarize
-from flows.clips import ClipConfig, VideoRow, clip_dataset, read_errors, video_dataset
+from flows.clips import ClipConfig, VideoRow, clip_dataset, video_dataset
 from flows.predict import PREDICTED_AT, PredictConfig, output_column, predict_dataset
+from flows.side_outputs import read_errors
 
 if TYPE_CHECKING:
     from models import ModelSpec

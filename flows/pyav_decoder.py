@@ -69,6 +69,13 @@ class FrameTable:
         i = int(np.searchsorted(self.pts, pts))
         return i if i < len(self.pts) and self.pts[i] == pts else None
 
+    def times_s(self) -> np.ndarray | None:
+        """Every frame's time in seconds from the first timestamp, in index order (the `time_s` of the
+        frames this module yields); None when frames are counted, not timed."""
+        if self.pts is None:
+            return None
+        return (self.pts - self.pts[0]).astype(np.float64) * float(self.time_base)
+
 
 def scan(path: str, info: VideoInfo) -> FrameTable:
     """Read the video packets' timestamps and keyframe flags (demux only, no decoding)."""

@@ -47,7 +47,7 @@ class Timeline:
         if table.pts is None or not len(table.pts):
             return None
         origin_s = float(table.pts[0] * table.time_base)
-        times = (table.pts - table.pts[0]).astype(np.float64) * float(table.time_base)
+        times = table.times_s()
         # info.start_s: the time of the first frame the probe decoded, on the stream's clock.
         first = int(np.searchsorted(times, info.start_s - origin_s - FIRST_FRAME_SLACK_S))
         return cls(times, min(first, len(times) - 1), origin_s)
@@ -87,7 +87,8 @@ class Timeline:
         return f"variable frame rate: gaps of {gaps.min() * 1000:.0f} to {gaps.max() * 1000:.0f} ms"
 
     def disagreements(self, info: VideoInfo) -> list[str]:
-        """Where the probed header disagrees with the packets ([] when it tells the truth)."""
+        """Where the probed header's frame count or rate disagrees with the packets ([] when they agree);
+        what is missing from the stream is `losses`."""
         out = []
         tolerance = max(COUNT_TOLERANCE, COUNT_TOLERANCE_FRACTION * self.n_frames)
         if abs(info.n_frames - self.n_frames) > tolerance:
@@ -95,7 +96,7 @@ class Timeline:
         irregular = self.irregularity()
         if irregular:
             out.append(irregular)
-        return [*out, *self.losses(info)]
+        return out
 
     def losses(self, info: VideoInfo) -> list[str]:
         """What of the video is not there to decode: why its status is partial ([] when nothing is lost)."""

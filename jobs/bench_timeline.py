@@ -63,6 +63,7 @@ def measure(path: Path, repeats: int) -> tuple[float, float, float]:
         timeline = Timeline.of(table, info)
         if timeline is not None:
             timeline.disagreements(info)
+            timeline.losses(info)
 
     check_s = _best(repeats, check)
     total_s = _best(repeats, lambda: list(decode_video(str(path), path.name, TAG_CLIPS)))

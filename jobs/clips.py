@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass, field
 
 from flows import storage
-from flows.clips import PARTIAL_SCHEMA, ClipConfig, corpus_clips, read_errors
+from flows.clips import ClipConfig, corpus_clips
+from flows.side_outputs import PARTIAL_SCHEMA, read_errors
 from jobs.runtime import console, init_ray
 
 

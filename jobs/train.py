@@ -538,7 +538,7 @@ def prepare_data(config: TrainConfig, plan: Plan, aug: Augment) -> TrainData:
         train, val = train.materialize(), val.materialize()
         n_train = train.count()
         train = train.randomize_block_order()
-    # One error file per failed video (flows.clips.ErrorSink).
+    # One error file per failed video (flows.side_outputs.ErrorSink).
     errors = len(storage.list_files(errors_uri, ".parquet")) if storage.exists(errors_uri) else 0
     return TrainData(train, val, n_train, errors)
 

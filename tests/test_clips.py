@@ -22,16 +22,15 @@ import ray.cloudpickle
 
 from flows import storage
 from flows.clips import (
-    PARTIAL_SCHEMA,
     ClipConfig,
     clip_dataset,
     corpus_clips,
     decode_video,
     iter_video_clips,
     list_video_rows,
-    read_errors,
     video_dataset,
 )
+from flows.side_outputs import PARTIAL_SCHEMA, read_errors
 from jobs import make_corpus
 
 # The fault-injecting decoder below runs on Ray workers (pickled by Ray's vendored cloudpickle) and in the

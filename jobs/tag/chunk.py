@@ -23,9 +23,10 @@ import numpy as np
 import pyarrow as pa
 
 from flows.aggregate import AggregateConfig, VideoSummary
-from flows.clips import PARTIAL_SCHEMA, ClipConfig, VideoRow, read_errors
+from flows.clips import ClipConfig, VideoRow
 from flows.inference import PredictionTimes, predictions_by_video, summarize_video, videos_in_block
 from flows.predict import PredictConfig
+from flows.side_outputs import PARTIAL_SCHEMA, read_errors
 from flows.table_files import DataFile, write_files
 from jobs.registered import RegisteredModel
 from jobs.tag.plan import ChunkPlan
