@@ -2,7 +2,7 @@
 
     python infra/schemas/vendor.py OUT_FOLDER CRD.yaml...
 
-The tests (tests/test_infra.py) validate infra/k8s against these schemas with unknown fields rejected,
+The tests (tests/test_k8s.py) validate infra/k8s against these schemas with unknown fields rejected,
 as a strict API server does; the descriptions are left out because they are most of a CRD's size.
 """
 
