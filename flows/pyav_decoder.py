@@ -237,7 +237,14 @@ class _Reader:
                 self.bad_packets += 1
                 log.debug("%s: packet at pts %s: %s", self.path, packet.pts, first_line(exc))
                 continue
-            yield from frames
+            for frame in frames:
+                if frame.is_corrupt:
+                    # Concealed damage (a packet cut short): the picture is partly invented, and differs
+                    # with the decoder's threading. Lost, as its packet would be.
+                    self.bad_packets += 1
+                    log.debug("%s: frame at pts %s decoded with errors", self.path, frame.pts)
+                    continue
+                yield frame
 
     def _image(self, frame: av.VideoFrame) -> np.ndarray:
         if self.size is None:

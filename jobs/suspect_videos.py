@@ -19,6 +19,7 @@ import numpy as np
 SIZE = (96, 160)  # (height, width) of the test files; `reelflow bench timeline` writes larger ones
 MS = Fraction(1, 1000)
 TS_CLOCK = Fraction(1, 90_000)
+DETERMINISTIC_X264 = "threads=1:sync-lookahead=0:mbtree=0"
 
 
 def frame_image(index: int, size: tuple[int, int] = SIZE) -> np.ndarray:
@@ -44,9 +45,13 @@ def write_video(
     options: dict[str, str] | None = None,
     size: tuple[int, int] = SIZE,
 ) -> Path:
-    """Encode frames 0..n-1 at the given presentation times (seconds) into `path`."""
-    with av.open(str(path), "w", format=fmt) as out:
-        stream = out.add_stream(codec, rate=rate, options=options or {})
+    """Encode frames 0..n-1 at the given presentation times (seconds) into `path`, byte for byte the same on
+    every run."""
+    options = {"threads": "1", **(options or {})}
+    if codec == "libx264":  # x264's lookahead thread and macroblock tree make its choices depend on timing
+        options["x264-params"] = ":".join(filter(None, [DETERMINISTIC_X264, options.get("x264-params")]))
+    with av.open(str(path), "w", format=fmt, container_options={"fflags": "+bitexact"}) as out:
+        stream = out.add_stream(codec, rate=rate, options=options)
         stream.height, stream.width = size
         stream.pix_fmt = "yuv420p"
         stream.time_base = stream.codec_context.time_base = time_base
@@ -95,17 +100,29 @@ def rateless_asf(folder: Path, size: tuple[int, int] = SIZE) -> Path:
 
 def mid_gop_ts(folder: Path, size: tuple[int, int] = SIZE) -> Path:
     """A piece of an MPEG-TS broadcast starting at ~116 s, cut mid-GOP: it starts with frames whose keyframe
-    is in the part cut away."""
+    is in the part cut away, and its first packet is a P-frame shown after the B-frames that follow it (so
+    FFmpeg's `start_time`, the first packet's, is later than the stream's earliest timestamp)."""
     whole = write_video(
         folder / "whole.ts", [i / 25 for i in range(25 * 12)], fmt="mpegts", time_base=TS_CLOCK, rate=25,
         start_s=110.0, options={"g": "100", "bf": "2", "x264-params": "scenecut=0"}, size=size,
     )  # fmt: skip
     data = whole.read_bytes()
     whole.unlink()
-    cut = len(data) * 55 // 100 // 188 * 188  # on a TS packet boundary
     path = folder / "mid_gop.ts"
-    path.write_bytes(data[cut : cut + len(data) // 5])
-    return path
+    cut = len(data) * 55 // 100 // 188 * 188  # on a TS packet boundary
+    while True:
+        path.write_bytes(data[cut : cut + len(data) // 5])
+        if _starts_reordered(path):
+            return path
+        cut += 188
+
+
+def _starts_reordered(path: Path) -> bool:
+    """Whether the file's first video packet is shown after the second one (a reference frame before its
+    B-frames in decode order)."""
+    with av.open(str(path)) as container:
+        first, second = [p.pts for p, _ in zip(container.demux(video=0), range(2), strict=False)]
+    return first is not None and second is not None and first > second
 
 
 def extreme_vfr_mp4(folder: Path, size: tuple[int, int] = SIZE) -> Path:
