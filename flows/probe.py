@@ -46,12 +46,28 @@ def av_error_type(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def open_input(path: str, stage: str) -> av.container.InputContainer:
-    """av.open for reading, with failures turned into a one-line VideoError naming the file."""
+def open_input(path: str, stage: str, *, decode_to_analyze: bool = True) -> av.container.InputContainer:
+    """av.open for reading, with failures turned into a one-line VideoError naming the file.
+
+    FFmpeg decodes a few frames of every stream while opening, to learn what the header leaves out (pixel
+    format, decoder delay): 40 ms at 1080p, as much as the probe and the scan together otherwise cost.
+    `decode_to_analyze=False` skips that for readers that need only packets, the header's facts, or frames
+    they decode themselves (their decoders are opened anew and do decode). A format that shows its
+    streams only while analyzing is opened as usual.
+    """
     try:
+        if not decode_to_analyze:
+            try:
+                return av.open(path, mode="r", stream_options=_SKIP_ANALYSIS_DECODING)
+            except ValueError:  # no streams before analysis (MPEG-PS): per-stream options cannot apply
+                pass
         return av.open(path, mode="r")
     except (av.FFmpegError, OSError) as exc:
         raise VideoError(stage, av_error_type(exc), f"{path}: cannot open: {first_line(exc)}") from None
+
+
+# Per-stream options for the first streams of a file (streams past these are analyzed as usual).
+_SKIP_ANALYSIS_DECODING = [{"skip_frame": "all"}] * 64
 
 
 def primary_video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream | None:
@@ -69,11 +85,25 @@ def probe(path: str) -> VideoInfo:
         raise VideoError("probe", "InvalidData", f"{path}: not a regular file")
     if os.path.getsize(path) == 0:
         raise VideoError("probe", "EmptyFile", f"{path}: file is empty (0 bytes)")
-    with open_input(path, "probe") as container:
-        try:
-            return _probe_open(path, container)
-        except av.FFmpegError as exc:
-            raise VideoError("probe", av_error_type(exc), f"{path}: {first_line(exc)}") from None
+    # The header and the first decoded frame tell all the probe reads, mostly: analysis decoding only where
+    # they leave the picture size or the rate unknown.
+    for decode_to_analyze in (False, True):
+        with open_input(path, "probe", decode_to_analyze=decode_to_analyze) as container:
+            try:
+                if decode_to_analyze or _header_complete(container):
+                    return _probe_open(path, container)
+            except av.FFmpegError as exc:
+                raise VideoError("probe", av_error_type(exc), f"{path}: {first_line(exc)}") from None
+    raise AssertionError("unreachable: the second open always probes")
+
+
+def _header_complete(container: av.container.InputContainer) -> bool:
+    """Whether the container, opened without analysis decoding, gives the video's size and frame rate."""
+    stream = primary_video_stream(container)
+    if stream is None or stream.codec_context is None:
+        return True  # the probe's own error, either way
+    ctx = stream.codec_context
+    return bool(ctx.width and ctx.height and stream.average_rate)
 
 
 def _probe_open(path: str, container: av.container.InputContainer) -> VideoInfo:
@@ -181,16 +211,20 @@ def _container_duration(container: av.container.InputContainer, stream: av.strea
 
 
 def _video_duration(stream: av.stream.Stream) -> float | None:
-    """The video stream's own duration: its header field, else Matroska's per-track DURATION tag."""
-    if stream.duration and stream.time_base:
-        return float(stream.duration * stream.time_base)
+    """The video stream's own duration: Matroska's per-track DURATION tag, else its header field.
+
+    The tag first: a Matroska track has no duration field, and FFmpeg fills one in from the container's
+    when it opens without decoding (`open_input`), which can be a frame longer.
+    """
     tag = stream.metadata.get("DURATION") or stream.metadata.get("duration")
     if tag:
         try:
             hours, minutes, seconds = tag.split(":")
             return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
         except ValueError:
-            return None
+            pass
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
     return None
 
 

@@ -80,7 +80,7 @@ class FrameTable:
 def scan(path: str, info: VideoInfo) -> FrameTable:
     """Read the video packets' timestamps and keyframe flags (demux only, no decoding)."""
     pts, dts, keys = array("q"), array("q"), array("b")
-    with open_input(path, "decode") as container:
+    with open_input(path, "decode", decode_to_analyze=False) as container:
         stream = primary_video_stream(container)
         if stream is None:
             raise VideoError("decode", "NoVideoStream", f"{path}: no video stream")
@@ -210,7 +210,7 @@ class _Reader:
 
     def _open(self) -> None:
         self.stack.close()
-        self.container = self.stack.enter_context(open_input(self.path, "decode"))
+        self.container = self.stack.enter_context(open_input(self.path, "decode", decode_to_analyze=False))
         stream = primary_video_stream(self.container)
         if stream is None:
             raise VideoError("decode", "NoVideoStream", f"{self.path}: no video stream")

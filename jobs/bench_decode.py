@@ -1,51 +1,66 @@
-"""`reelflow bench decode`: the clip dataflow against the decode limit and against Ray's `read_videos`.
+"""`reelflow bench decode`: the `reelflow clips` command against the machine's decode limit, per resolution.
 
-All three are measured in one run over the same clip plans:
-- limit: a plain decord loop, one process per core, no Ray — what decoding alone can do here;
-- dataflow: `flows.clips` on local Ray (probe, routing, isolation, streaming included);
-- peer: `ray.data.read_videos(resize=...)` (one row per frame), then the same clips assembled from
-  its frame rows with a group-by per video.
-Peak memory of the process tree is sampled for each, and the dataflow runs again on a corpus `scale`
-times larger to show that its memory does not grow with the number of videos.
+For each resolution, one run measures over the same frames:
+- command: `reelflow clips` end to end (`jobs.clips.main`: listing, PyAV probe, decoder routing, crash
+  isolation, Parquet write), on a corpus and on a third of it, the faster of two runs each; its marginal
+  rate between the two, (clips_large - clips_small) / (seconds_large - seconds_small), cancels what a run
+  pays once;
+- limit: a plain decord loop over exactly the frames the command wrote (read back from its output by
+  start time), one process per core, no Ray.
+The command's peak memory on both corpora shows that it does not grow with the number of videos. The peer,
+Ray Data's `read_videos` with a group-by per video, is timed at the first resolution only.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
-from flows import sampling
-from flows.clips import ClipConfig, VideoRow, clip_dataset, list_video_rows, video_dataset
+from flows.clips import ClipConfig, list_video_rows
 from flows.probe import probe
-from jobs import benchmarks, make_corpus
+from jobs import benchmarks
 from jobs.runtime import console, init_ray
+
+LIMIT_RATIO = 0.85  # the command's marginal rate against the decode limit
+PEER_RATIO = 5.0
+MEMORY_RATIO = 1.2  # peak memory, large corpus over small
+WIDESCREEN = {360: 640, 720: 1280, 1080: 1920}
 
 
 @dataclass(frozen=True)
 class BenchDecodeConfig:
-    """The corpus to decode (generated when `corpus` is None) and the clips to cut from it."""
+    """The corpora to decode (generated per height unless `corpus` is given) and the clips to cut."""
 
     corpus: str | None = None
-    videos: int = 24
-    frame_size: int = 360
-    duration_s: float = 12.0
-    fps: int = 30
+    heights: tuple[int, ...] = (360, 720, 1080)
+    videos: int = 48
+    distinct: int = 8  # videos encoded per height; the rest are copies (decoding costs the same)
+    duration_s: float = 10.0
+    fps: int = 25
+    gop_s: float = 2.0
     clips_per_video: int = 4
     clip_len: int = 16
     size: int = 112
-    scale: int = 4
+    peer: bool = True
     record: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("videos", "frame_size", "fps", "clips_per_video", "clip_len", "size", "scale"):
+        for name in ("videos", "distinct", "fps", "clips_per_video", "clip_len", "size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"bench decode: {name}={getattr(self, name)} must be >= 1")
+        if self.videos < 3:
+            raise ValueError(f"bench decode: videos={self.videos} must be >= 3 (a third of them is a run)")
+        bad = [h for h in self.heights if h < 32 or h % 2]
+        if bad or not self.heights:
+            raise ValueError(f"bench decode: heights={self.heights} must be even pixel counts >= 32")
 
     @property
     def clip_config(self) -> ClipConfig:
@@ -55,165 +70,245 @@ class BenchDecodeConfig:
 
 
 @dataclass(frozen=True)
-class Measurement:
-    name: str
+class Run:
+    """One timed run: clips produced, seconds and peak memory of the process tree."""
+
     videos: int
     clips: int
     seconds: float
     peak_gib: float
 
+
+@dataclass(frozen=True)
+class Row:
+    """One resolution: the command's two runs, its marginal rate, and the limit over the same frames."""
+
+    corpus: str
+    small: Run
+    large: Run
+    limit_clips_per_s: float
+
     @property
-    def clips_per_s(self) -> float:
-        return self.clips / self.seconds
+    def command_clips_per_s(self) -> float:
+        return (self.large.clips - self.small.clips) / max(self.large.seconds - self.small.seconds, 1e-9)
+
+    @property
+    def ratio(self) -> float:
+        return self.command_clips_per_s / self.limit_clips_per_s
+
+    @property
+    def memory_ratio(self) -> float:
+        return self.large.peak_gib / self.small.peak_gib
 
 
-def main(config: BenchDecodeConfig) -> dict[str, Measurement]:
-    """Run the three measurements, print the ratios and append them to BENCHMARKS.md."""
+def main(config: BenchDecodeConfig) -> list[Row]:
+    """Measure every resolution (or the given corpus), print the ratios and append them to BENCHMARKS.md."""
+    init_ray()
+    rows, peer = [], None
     with tempfile.TemporaryDirectory(prefix="reelflow-bench-") as tmp:
-        corpus = config.corpus or _generate_corpus(config, Path(tmp) / "corpus")
-        every_video = list_video_rows(corpus)
-        small = every_video[: max(1, len(every_video) // config.scale)]
-        plans = _plans([v.uri for v in every_video], config.clip_config)
-        console.print(f"bench decode: {len(small)} videos (and {len(every_video)} for the memory check)")
-
-        limit = _measure_limit([v.uri for v in small], plans, config)
-        init_ray()
-        errors = str(Path(tmp) / "errors")
-        # Warm-up, not measured: Ray workers, their decoder processes and imports start once per run.
-        _measure_dataflow("warm-up", every_video[:2], config, errors)
-        flow = _measure_dataflow("dataflow", small, config, errors)
-        flow_large = _measure_dataflow(f"dataflow ×{config.scale}", every_video, config, errors)
-        peer = _measure_peer(small, plans, config)
-
-    results = {m.name: m for m in (limit, flow, flow_large, peer)}
-    _report(results, flow, limit, peer, flow_large, config)
-    return results
+        work = Path(tmp)
+        _warm_up(work, config)
+        corpora = [(config.corpus, "given corpus")] if config.corpus else []
+        for height in [] if config.corpus else config.heights:
+            corpus = work / f"{height}p"
+            _generate_corpus(corpus, height, config)
+            corpora.append((str(corpus), f"{_width(height)}×{height}"))
+        for corpus, name in corpora:
+            rows.append(_measure(corpus, name, work / "out", config))
+            if config.peer and peer is None:
+                peer = _measure_peer(corpus, work / "out", config)
+    _report(rows, peer, config)
+    return rows
 
 
-def _generate_corpus(config: BenchDecodeConfig, out: Path) -> str:
-    make_corpus.main(
-        make_corpus.CorpusConfig(
-            out=str(out),
-            videos=config.videos * config.scale,
-            seed=7,
-            size=config.frame_size,
-            duration_s=config.duration_s,
-            fps=config.fps,
-            audio=False,
-            subtitle_fraction=0.0,
-        )
-    )
-    return str(out)
+def _width(height: int) -> int:
+    return WIDESCREEN.get(height, height * 16 // 9 // 2 * 2)
 
 
-def _plans(uris: list[str], clip_config: ClipConfig) -> dict[str, list[sampling.ClipPlan]]:
-    plans = {}
-    for uri in uris:
-        info = probe(uri)
-        plans[uri] = clip_config.plan(info.n_frames, info.fps, uri)
-    return plans
+# --- corpora ---------------------------------------------------------------------------------------------
 
 
-# --- (a) the decode limit: plain decord, one process per core ---------------------------------------
+def _generate_corpus(folder: Path, height: int, config: BenchDecodeConfig) -> None:
+    """`config.videos` H.264 files of one resolution, under folder/small (a third) and folder/rest."""
+    distinct = folder / "distinct"
+    distinct.mkdir(parents=True)
+    jobs = [(str(distinct / f"v{i}.mp4"), _width(height), height, config, i) for i in range(config.distinct)]
+    with mp.get_context("spawn").Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
+        encoded = pool.map(_encode, jobs)
+    n_small = config.videos // 3
+    for i in range(config.videos):
+        part = folder / ("small" if i < n_small else "rest")
+        part.mkdir(exist_ok=True)
+        shutil.copyfile(encoded[i % len(encoded)], part / f"video{i:04d}.mp4")
+    shutil.rmtree(distinct)
 
 
-def _decord_clips(args: tuple[str, list[sampling.ClipPlan], int]) -> int:
-    import decord
+def _encode(job: tuple[str, int, int, BenchDecodeConfig, int]) -> str:
+    """A video with the detail and motion of real footage: a panning textured scene, H.264, GOP `gop_s`."""
+    import av
 
-    uri, plans, size = args
-    reader = decord.VideoReader(uri, ctx=decord.cpu(0), width=size, height=size, num_threads=1)
-    wanted = sampling.needed_frames(plans)
-    frames = dict(zip(wanted, reader.get_batch(wanted).asnumpy(), strict=True))
-    clips = [np.stack([frames[i] for i in plan.frame_indices]) for plan in plans]
-    return len(clips)
+    path, width, height, config, seed = job
+    rng = np.random.default_rng(seed)
+    pad = max(16, height // 8)
+    cells = ((height + 2 * pad) // 8 + 1, (width + 2 * pad) // 8 + 1, 3)
+    blocks = rng.integers(0, 256, cells, dtype=np.uint8)
+    scene = blocks.repeat(8, 0).repeat(8, 1)
+    with av.open(path, "w") as out:
+        gop = str(max(1, round(config.gop_s * config.fps)))
+        stream = out.add_stream("libx264", rate=config.fps, options={"g": gop, "preset": "veryfast"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(round(config.duration_s * config.fps)):
+            x, y = (round(pad + pad * np.sin(i / period + seed)) for period in (20.0, 27.0))
+            image = np.ascontiguousarray(scene[y : y + height, x : x + width])
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
 
 
-def _measure_limit(uris: list[str], plans: dict, config: BenchDecodeConfig) -> Measurement:
-    jobs = [(uri, plans[uri], config.size) for uri in uris]
-    with benchmarks.PeakMemory() as mem, mp.get_context("spawn").Pool(os.cpu_count()) as pool:
-        n_clips, seconds = benchmarks.timed(lambda: sum(pool.imap_unordered(_decord_clips, jobs)))
-    return Measurement("decode limit (decord loop)", len(uris), n_clips, seconds, mem.peak_gib)
+# --- the command, and the limit over its frames -----------------------------------------------------------
 
 
-# --- (b) the clip dataflow ---------------------------------------------------------------------------
+def _warm_up(work: Path, config: BenchDecodeConfig) -> None:
+    """One small command run first: Ray's workers, their decoder processes and imports start once."""
+    folder = work / "warm-up"
+    folder.mkdir()
+    _encode((str(folder / "warm.mp4"), 160, 96, replace(config, duration_s=2.0), 0))
+    _run_command(str(folder), work / "out", config)
 
 
-def _measure_dataflow(
-    name: str, videos: list[VideoRow], config: BenchDecodeConfig, errors: str
-) -> Measurement:
-    def consume() -> int:
-        dataset = clip_dataset(video_dataset(videos), config.clip_config, errors)
-        return sum(len(batch["clip_index"]) for batch in dataset.iter_batches(batch_size=None))
+def _run_command(corpus: str, out: Path, config: BenchDecodeConfig) -> Run:
+    from jobs.clips import ClipsJobConfig
+    from jobs.clips import main as clips_main
 
     with benchmarks.PeakMemory() as mem:
-        n_clips, seconds = benchmarks.timed(consume)
-    return Measurement(name, len(videos), n_clips, seconds, mem.peak_gib)
+        summary = clips_main(ClipsJobConfig(corpus, str(out), config.clip_config))
+    return Run(summary.videos, summary.clips, summary.seconds, mem.peak_gib)
 
 
-# --- (c) the peer: ray.data.read_videos + clips assembled from frame rows ----------------------------
+def _measure(corpus: str, name: str, out: Path, config: BenchDecodeConfig) -> Row:
+    small_corpus = os.path.join(corpus, "small")
+    if not os.path.isdir(small_corpus):  # a given corpus: its first third, copied
+        small_corpus = _first_third(corpus, out.parent / "small")
+    # Each size twice, interleaved, the faster run of each kept: one slow run (a page-cache miss, a
+    # neighbour) would otherwise move the marginal rate, a difference of two times, by tens of percent.
+    small, large = _run_command(small_corpus, out, config), _run_command(corpus, out, config)
+    small = min(small, _run_command(small_corpus, out, config), key=lambda run: run.seconds)
+    large = min(large, _run_command(corpus, out, config), key=lambda run: run.seconds)
+    jobs = _frames_written(out / "clips", config.clip_len)
+    with mp.get_context("spawn").Pool(os.cpu_count(), initializer=_import_decord) as pool:
+        n_clips, seconds = benchmarks.timed(lambda: sum(pool.imap_unordered(_decord_clips, jobs)))
+    if n_clips != large.clips:
+        raise RuntimeError(f"bench decode: the limit loop cut {n_clips} clips, the command {large.clips}")
+    return Row(name, small, large, n_clips / seconds)
 
 
-def _measure_peer(videos: list[VideoRow], plans: dict, config: BenchDecodeConfig) -> Measurement:
+def _first_third(corpus: str, folder: Path) -> str:
+    rows = list_video_rows(corpus)
+    folder.mkdir(parents=True, exist_ok=True)
+    for row in rows[: max(1, len(rows) // 3)]:
+        shutil.copyfile(row.uri, folder / f"{row.video_id.replace('/', '_')}{Path(row.uri).suffix}")
+    return str(folder)
+
+
+def _frames_written(clips_dir: Path, clip_len: int) -> list[tuple[str, list[list[int]], tuple[int, int]]]:
+    """(video, every clip's frame indices, clip size), from the start times of the command's own clips."""
+    table = pq.read_table(clips_dir, columns=["uri", "start_s", "frames"])
+    shape = table.schema.field("frames").metadata[b"reelflow.shape"]
+    height, width = (int(v) for v in shape.decode().strip("[]").split(",")[1:3])
+    by_video: dict[str, list[float]] = {}
+    for uri, start in zip(table.column("uri").to_pylist(), table.column("start_s").to_pylist(), strict=True):
+        by_video.setdefault(uri, []).append(start)
+    jobs = []
+    for uri, starts in by_video.items():
+        fps = probe(uri).fps
+        clips = [list(range(round(s * fps), round(s * fps) + clip_len)) for s in sorted(starts)]
+        jobs.append((uri, clips, (height, width)))
+    return jobs
+
+
+def _import_decord() -> None:
+    import decord  # noqa: F401
+
+
+def _decord_clips(job: tuple[str, list[list[int]], tuple[int, int]]) -> int:
+    import decord
+
+    uri, clips, (height, width) = job
+    reader = decord.VideoReader(uri, ctx=decord.cpu(0), width=width, height=height, num_threads=1)
+    wanted = sorted({i for clip in clips for i in clip if i < len(reader)})
+    frames = dict(zip(wanted, reader.get_batch(wanted).asnumpy(), strict=True))
+    return len([np.stack([frames[i] for i in clip if i in frames]) for clip in clips])
+
+
+# --- the peer: ray.data.read_videos + clips assembled from frame rows --------------------------------------
+
+
+def _measure_peer(corpus: str, out: Path, config: BenchDecodeConfig) -> tuple[float, float]:
+    """(peer clips/s, the command's clips/s) on the small corpus of the first resolution."""
     import ray.data
 
-    def assemble(group: dict[str, np.ndarray]) -> dict[str, Any]:
-        uri = str(group["path"][0])
-        by_index = dict(zip(group["frame_index"].tolist(), group["frame"], strict=True))
-        video_plans = plans_by_path[uri]
-        clips = [np.stack([by_index[i] for i in p.frame_indices if i in by_index]) for p in video_plans]
-        return {"uri": [uri] * len(clips), "clip_index": [p.clip_index for p in video_plans], "frames": clips}
+    small_corpus = os.path.join(corpus, "small") if os.path.isdir(os.path.join(corpus, "small")) else corpus
+    videos = list_video_rows(small_corpus)
+    plans = {}
+    for video in videos:
+        info = probe(video.uri)
+        plans[os.path.abspath(video.uri)] = config.clip_config.plan(info.n_frames, info.fps, video.uri)
 
-    plans_by_path = {os.path.abspath(v.uri): plans[v.uri] for v in videos}
+    def assemble(group: dict[str, np.ndarray]) -> dict[str, Any]:
+        video_plans = plans[str(group["path"][0])]
+        by_index = dict(zip(group["frame_index"].tolist(), group["frame"], strict=True))
+        clips = [np.stack([by_index[i] for i in p.frame_indices if i in by_index]) for p in video_plans]
+        return {"clip_index": [p.clip_index for p in video_plans], "frames": clips}
 
     def consume() -> int:
-        frames = ray.data.read_videos(
-            list(plans_by_path), include_paths=True, resize=(config.size, config.size)
-        )
+        frames = ray.data.read_videos(list(plans), include_paths=True, resize=(config.size, config.size))
         clips = frames.groupby("path").map_groups(assemble)
         return sum(len(batch["clip_index"]) for batch in clips.iter_batches(batch_size=None))
 
-    with benchmarks.PeakMemory() as mem:
-        n_clips, seconds = benchmarks.timed(consume)
-    return Measurement("peer (read_videos + group-by)", len(videos), n_clips, seconds, mem.peak_gib)
+    n_clips, seconds = benchmarks.timed(consume)
+    command = _run_command(small_corpus, out, config)
+    return n_clips / seconds, command.clips / command.seconds
 
 
-def _report(
-    results: dict[str, Measurement],
-    flow: Measurement,
-    limit: Measurement,
-    peer: Measurement,
-    flow_large: Measurement,
-    config: BenchDecodeConfig,
-) -> None:
+def _report(rows: list[Row], peer: tuple[float, float] | None, config: BenchDecodeConfig) -> None:
     from rich.table import Table
 
-    table = Table(title="bench decode")
-    for column in ("measurement", "videos", "clips", "seconds", "clips/s", "peak GiB"):
+    columns = (
+        "corpus", "videos", "command clips/s", "limit clips/s", "command / limit", "peak GiB (⅓ → all)"
+    )  # fmt: skip
+    table = Table(title="bench decode: `reelflow clips` against the decode limit")
+    for column in columns:
         table.add_column(column)
-    lines = ["| measurement | videos | clips | seconds | clips/s | peak GiB |", "|---|---|---|---|---|---|"]
-    for m in results.values():
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
         cells = (
-            m.name,
-            str(m.videos),
-            str(m.clips),
-            f"{m.seconds:.1f}",
-            f"{m.clips_per_s:.1f}",
-            f"{m.peak_gib:.2f}",
+            row.corpus,
+            f"{row.small.videos} → {row.large.videos}",
+            f"{row.command_clips_per_s:.1f}",
+            f"{row.limit_clips_per_s:.1f}",
+            f"{row.ratio:.2f}",
+            f"{row.small.peak_gib:.2f} → {row.large.peak_gib:.2f}",
         )
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
     ratios = [
-        f"dataflow / decode limit = {flow.clips_per_s / limit.clips_per_s:.2f} (target ≥ 0.8)",
-        f"dataflow / peer = {flow.clips_per_s / peer.clips_per_s:.2f} (target ≥ 5)",
-        f"peak memory ×{config.scale} videos / ×1 = {flow_large.peak_gib / flow.peak_gib:.2f} (target ≤ 1.2)",
+        f"{row.corpus}: command / decode limit = {row.ratio:.2f} (target ≥ {LIMIT_RATIO}); peak memory "
+        f"×{row.large.videos / row.small.videos:.0f} videos = {row.memory_ratio:.2f} "
+        f"(target ≤ {MEMORY_RATIO})"
+        for row in rows
     ]
+    if peer is not None:
+        versus = peer[1] / peer[0]
+        ratios.append(f"command / peer (read_videos + group-by) = {versus:.2f} (target ≥ {PEER_RATIO})")
     console.print(table)
     for line in ratios:
         console.print(line)
     if config.record:
-        clip = f"{config.clips_per_video} clips × {config.clip_len} frames at {config.size}×{config.size}"
-        corpus = (
-            config.corpus or f"generated {config.frame_size}px, {config.duration_s:g} s at {config.fps} fps"
+        clips = f"{config.clips_per_video} clips × {config.clip_len} frames at {config.size}×{config.size}"
+        corpus = config.corpus or (
+            f"generated H.264, {config.duration_s:g} s at {config.fps} fps, GOP {config.gop_s:g} s"
         )
-        body = "\n".join([f"Corpus: {corpus}; {clip}.", "", *lines, "", *[f"- {r}" for r in ratios]])
+        body = "\n".join([f"Corpus: {corpus}; {clips}.", "", *lines, "", *[f"- {r}" for r in ratios]])
         benchmarks.record("Decode (`reelflow bench decode`)", body)

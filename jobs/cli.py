@@ -124,7 +124,9 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         from jobs import bench_decode
 
-        kwargs = {"videos": args.videos} if args.videos else {}
+        kwargs: dict[str, object] = {"videos": args.videos} if args.videos else {}
+        if args.heights:
+            kwargs["heights"] = tuple(int(h) for h in args.heights.split(","))
         bench_decode.main(bench_decode.BenchDecodeConfig(corpus=args.corpus, **kwargs))
     return 0
 
@@ -291,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="models: torch threads (default: torch's own)")
     p.add_argument("--corpus", help="decode, tag: an existing corpus instead of a generated one")
     p.add_argument("--videos", type=int, help="decode, tag: videos in the generated corpus")
+    p.add_argument("--heights", help="decode: frame heights to generate, comma-separated (360,720,1080)")
     p.add_argument("--clips", type=int, help="train: pre-decoded clips per epoch")
     p.add_argument("--workers", type=int, help="train: Ray Train workers (1 torch thread each)")
     p.add_argument("--gpu", action="store_true", help="train: one GPU per worker, and for the plain loop")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from flows import storage
-from flows.clips import ClipConfig, corpus_clips
+from flows import storage, tensor_parquet
+from flows.clips import DECODE_TASK_CPUS, ClipConfig, corpus_clips
 from flows.side_outputs import PARTIAL_SCHEMA, read_errors
 from jobs.runtime import console, init_ray
 
@@ -36,8 +36,8 @@ class ClipsSummary:
 
 
 def main(config: ClipsJobConfig) -> ClipsSummary:
-    """Decode every video under `config.corpus`; clips go to OUT/clips/, failures to OUT/errors/, partial
-    videos' reasons to OUT/partial/."""
+    """Decode every video under `config.corpus`; clips go to OUT/clips/ (read them back with
+    `flows.tensor_parquet.read_parquet`), failures to OUT/errors/, partial videos' reasons to OUT/partial/."""
     init_ray(config.ray_address)
     clips_uri = storage.join_uri(config.out, "clips")
     errors_uri = storage.join_uri(config.out, "errors")
@@ -50,7 +50,7 @@ def main(config: ClipsJobConfig) -> ClipsSummary:
     clips, videos = corpus_clips(config.corpus, config.clips, errors_uri, partial_uri)
     console.print(f"[bold]clips[/]: {len(videos)} videos under {config.corpus} → {config.out}")
     fs, path = storage.arrow_filesystem(clips_uri)
-    clips.write_parquet(path, filesystem=fs)
+    tensor_parquet.write_parquet(clips, path, filesystem=fs, num_cpus=DECODE_TASK_CPUS)
     seconds = time.perf_counter() - started
 
     n_clips = _count_rows(clips_uri)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from flows import labels as flabels
-from flows import storage
+from flows import storage, tensor_parquet
 from flows.clips import ClipConfig, VideoRow, clip_dataset, list_video_rows, video_dataset
 from flows.transforms import Augment, audio_crop, augment, flip_labels, temporal_crop
 from jobs.config import ConfigError, redact
@@ -568,7 +568,7 @@ def _write_cache(cache: str, marker: str, key: str, datasets: Mapping[str, Any],
         started = time.perf_counter()
         uri = storage.join_uri(cache, name)
         fs, path = storage.arrow_filesystem(uri)
-        ds.select_columns([*columns, "file"]).write_parquet(path, filesystem=fs)
+        tensor_parquet.write_parquet(ds.select_columns([*columns, "file"]), path, filesystem=fs)
         rows[name] = _parquet_rows(uri)
         console.print(f"train: cached {rows[name]} {name} clips in {time.perf_counter() - started:.1f} s")
     # Written last: a cache without its marker (a crash mid-write) is rebuilt.
@@ -576,10 +576,8 @@ def _write_cache(cache: str, marker: str, key: str, datasets: Mapping[str, Any],
 
 
 def _read_cache(uri: str, shuffle: str | None = None) -> Any:
-    import ray.data
-
     fs, path = storage.arrow_filesystem(uri)
-    return ray.data.read_parquet(path, filesystem=fs, shuffle=shuffle)
+    return tensor_parquet.read_parquet(path, filesystem=fs, shuffle=shuffle)
 
 
 def _parquet_rows(uri: str) -> int:

@@ -23,6 +23,7 @@ import ray.cloudpickle
 from flows import storage
 from flows.clips import (
     ClipConfig,
+    _Clip,
     clip_dataset,
     corpus_clips,
     decode_video,
@@ -31,6 +32,7 @@ from flows.clips import (
     video_dataset,
 )
 from flows.side_outputs import PARTIAL_SCHEMA, read_errors
+from flows.tensor_parquet import binary_to_tensors
 from jobs import make_corpus
 
 # The fault-injecting decoder below runs on Ray workers (pickled by Ray's vendored cloudpickle) and in the
@@ -214,6 +216,13 @@ def test_clips_command_writes_clips_and_errors(corpus: Path, tmp_path: Path) -> 
     assert set(clips.column_names) >= {"video_id", "uri", "clip_index", "start_s", "end_s", "frames"}
     assert pq.read_table(out / "errors").num_rows == 3
     assert "6 videos" not in done.stderr and "9 videos, 18 clips, 3 errors" in done.stderr
+    # Frames are stored one binary value per clip and read back as the decoder's clips, shape and all.
+    assert clips.schema.field("frames").metadata[b"reelflow.shape"] == b"[4, 32, 32, 3]"
+    first = binary_to_tensors(clips).sort_by([("uri", "ascending"), ("clip_index", "ascending")]).slice(0, 3)
+    config = ClipConfig(clip_len=4, size=(32, 32), clips_per_video=3, decoder="pyav")
+    uri = first.column("uri")[0].as_py()
+    expected = [c.frames for c in decode_video(uri, "v", config) if isinstance(c, _Clip)]
+    np.testing.assert_array_equal(first.column("frames").chunk(0).to_numpy(), np.stack(expected))
 
 
 def test_probe_command_reports_every_uri(shared_videos: Path) -> None:

@@ -120,3 +120,21 @@ def test_probe_accepts_path_objects_and_leaves_the_file_alone(shared_videos: Pat
     info = probe(copy)  # type: ignore[arg-type]
     assert info.rotation == -90 and (info.width, info.height) == (568, 320)
     assert copy.read_bytes() == before
+
+
+def test_the_probe_without_ffmpegs_analysis_decoding_finds_the_same_facts(
+    shared_videos: Path, manifest: list[dict[str, str]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The probe opens files without the frames FFmpeg decodes to analyze them (40 ms at 1080p); what
+    it reports must not change for that, on every real clip and every kind of lying header."""
+    from flows import probe as probe_module
+    from jobs.suspect_videos import write_all
+
+    files = [shared_videos / row["file"] for row in readable(manifest)]
+    files += list(write_all(tmp_path, (48, 64)).values())
+    fast = {str(f): probe(str(f)) for f in files}
+    opened = probe_module.open_input
+    monkeypatch.setattr(
+        probe_module, "open_input", lambda path, stage, **_: opened(path, stage, decode_to_analyze=True)
+    )
+    assert {str(f): probe(str(f)) for f in files} == fast
