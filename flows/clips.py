@@ -144,15 +144,28 @@ MAX_VIDEOS_PER_BLOCK = 8
 MAX_BLOCKS = 1000
 
 
+# Ray Data hands a stage's output on in blocks of up to this many bytes (128 MiB by default): a decode task's
+# first clips reach the inference actors, or the Parquet writer, when a block fills, not when they decode.
+CLIP_BLOCK_BYTES = 8 * 2**20
+
+
 def video_dataset(videos: list[VideoRow]) -> Any:
-    """A Ray Dataset of video rows in about two blocks per cluster CPU, so decoding spreads out."""
+    """A Ray Dataset of video rows in about two blocks per cluster CPU, so decoding spreads out; its clip
+    stages pass on blocks of at most `CLIP_BLOCK_BYTES`."""
     import ray
     import ray.data
 
     items = [asdict(v) for v in videos]
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else os.cpu_count() or 1
     blocks = max(BLOCKS_PER_CPU * cpus, math.ceil(len(items) / MAX_VIDEOS_PER_BLOCK))
-    return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), blocks, MAX_BLOCKS)))
+    # A Dataset keeps the DataContext it was made with, and so does every stage made from it.
+    context = ray.data.DataContext.get_current()
+    default_block_bytes = context.target_max_block_size
+    context.target_max_block_size = CLIP_BLOCK_BYTES
+    try:
+        return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), blocks, MAX_BLOCKS)))
+    finally:
+        context.target_max_block_size = default_block_bytes
 
 
 # --- per-video work -------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from torch import nn
 
 from flows import labels as flabels
 from flows import storage, tensor_parquet
-from flows.clips import ClipConfig, VideoRow, clip_dataset, list_video_rows, video_dataset
+from flows.clips import DECODE_TASK_CPUS, ClipConfig, VideoRow, clip_dataset, list_video_rows, video_dataset
 from flows.transforms import Augment, audio_crop, augment, flip_labels, temporal_crop
 from jobs.config import ConfigError, redact
 from jobs.registered import DEFAULT_MLFLOW_DIR
@@ -501,6 +501,7 @@ def labelled_clips(rows: Sequence[VideoRow], clips: ClipConfig, plan: Plan, erro
         batch_size=None,
         batch_format="numpy",
         fn_kwargs={"videos": videos, "labels": plan.manifest.labels, "corpus_uri": plan.corpus},
+        num_cpus=DECODE_TASK_CPUS,  # fused into the decode tasks (see `tensor_parquet.write_parquet`)
     )
 
 
@@ -568,7 +569,8 @@ def _write_cache(cache: str, marker: str, key: str, datasets: Mapping[str, Any],
         started = time.perf_counter()
         uri = storage.join_uri(cache, name)
         fs, path = storage.arrow_filesystem(uri)
-        tensor_parquet.write_parquet(ds.select_columns([*columns, "file"]), path, filesystem=fs)
+        selected = ds.select_columns([*columns, "file"])
+        tensor_parquet.write_parquet(selected, path, filesystem=fs, num_cpus=DECODE_TASK_CPUS)
         rows[name] = _parquet_rows(uri)
         console.print(f"train: cached {rows[name]} {name} clips in {time.perf_counter() - started:.1f} s")
     # Written last: a cache without its marker (a crash mid-write) is rebuilt.

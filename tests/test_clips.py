@@ -265,3 +265,16 @@ def test_clip_rows_can_carry_the_videos_probe_facts(shared_videos: Path) -> None
 def test_a_bad_clip_config_names_its_field(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=rf"^clip config: {field}="):
         ClipConfig(**{field: value})
+
+
+def test_clip_datasets_pass_on_small_blocks_and_leave_the_context(corpus: Path, ray_session: None) -> None:
+    """A decode task's first clips reach the next stage once 8 MiB of them are decoded, not 128 MiB; other
+    datasets of the job keep Ray's block size."""
+    import ray.data
+
+    from flows.clips import CLIP_BLOCK_BYTES
+
+    default = ray.data.DataContext.get_current().target_max_block_size
+    clips = clip_dataset(video_dataset(list_video_rows(str(corpus))), ClipConfig(), "/nonexistent-unused")
+    assert clips.context.target_max_block_size == CLIP_BLOCK_BYTES < default
+    assert ray.data.DataContext.get_current().target_max_block_size == default

@@ -50,7 +50,7 @@ def main(config: TagConfig) -> TagSummary:
     from jobs import tracking
     from jobs.runtime import init_ray
 
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     run_date = tables.parse_run_date(config.date)
     root = tables.root_uri(config.tables)
     tables.check_location(root, must_exist=False)
@@ -87,7 +87,7 @@ def main(config: TagConfig) -> TagSummary:
                 summary.skipped = plan.skipped
                 if plan.todo:
                     models = load_models(refs, tracking_uri)
-                    tag_in_chunks(plan, models, writer, config, summary)
+                    tag_in_chunks(plan, models, writer, config, summary, started_at)
             summary.commit_s = writer.commit_seconds
     finally:
         for folder in _own_plans(plans, job_run_id):
@@ -144,8 +144,10 @@ def tag_in_chunks(
     writer: table_writer.TableWriter,
     config: TagConfig,
     summary: TagSummary,
+    job_started_at: float,
 ) -> None:
-    """Decode, predict and commit the planned videos chunk by chunk, adding what each did to `summary`."""
+    """Decode, predict and commit the planned videos chunk by chunk, adding what each did to `summary`
+    (`job_started_at`: the job's wall-clock start, for the time to its first predictions)."""
     clip_config = tagging_clip_config([m.spec for m in models], config.stride, config.decoder)
     scratch = storage.join_uri(writer.tables_uri, SCRATCH, writer.job_run_id)
     cursor = plan.cursor(config.max_videos)
@@ -170,6 +172,7 @@ def tag_in_chunks(
         if outcome.times is not None and first_at is None:  # start-up: until the first predictions
             first_at = outcome.times.first_at
             summary.startup_s = first_at - inference_started
+            summary.first_prediction_s = first_at - job_started_at
             steady_s = outcome.times.last_at - first_at
             summary.steady_clips_per_s = (
                 (outcome.clips - outcome.times.first_clips) / steady_s if steady_s else 0

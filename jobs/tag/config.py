@@ -96,6 +96,7 @@ class TagSummary:
     commit_s: float = 0.0  # in the commit protocol: fencing, logging, committing
     mlflow_run_id: str | None = None
     startup_s: float = 0.0  # from the start of inference to its first predictions
+    first_prediction_s: float = 0.0  # from the start of the job to its first predictions
     steady_clips_per_s: float = 0.0  # after that
     label_counts: dict[str, Counter[str]] = field(default_factory=dict)  # plot panel → top-1 label → videos
 

@@ -46,6 +46,7 @@ def record_run(
                "videos_retried": summary.retried, "videos_decoded": summary.decoded, "clips": summary.clips,
                "clips_per_s": summary.clips_per_s, "seconds": summary.seconds, "chunks": summary.chunks,
                "commit_s": summary.commit_s, "startup_s": summary.startup_s,
+               "first_prediction_s": summary.first_prediction_s,
                "steady_clips_per_s": summary.steady_clips_per_s,
                **{f"rows_{k}": v for k, v in summary.rows.items()}}  # fmt: skip
     tracking.log_metrics(run_id, metrics, 0, tracking_uri=tracking_uri)
