@@ -13,6 +13,9 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
+# PyAV before decord: decord loads its library with RTLD_GLOBAL, and a PyAV imported after it then runs on
+# decord's bundled FFmpeg (another build: libavformat 62.12.101 under PyAV's 62.12.102) instead of its own.
+import av  # noqa: F401
 import decord
 import numpy as np
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -478,3 +480,17 @@ def test_bad_arguments_are_rejected_up_front(shared_videos: Path) -> None:
         pyav_decoder.read_audio(path, 2.0, 1.0)
     assert list(decode.iter_frames(path, info, [])) == []
     assert [f.index for f in decode.iter_frames(path, info, [298, 299, 300, 400], SMALL)] == [298, 299]
+
+
+def test_pyav_runs_on_its_own_ffmpeg_whatever_is_imported_first() -> None:
+    """decord loads its FFmpeg globally: a PyAV imported after it ran on decord's build (its muxer wrote
+    another version into every file), so the decoder layer imports PyAV first."""
+
+    def libavformat(code: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", f"{code}; print(av.library_versions['libavformat'])"],
+            capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    assert libavformat("import flows.decode, av") == libavformat("import av")
