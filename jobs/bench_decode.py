@@ -13,6 +13,7 @@ Ray Data's `read_videos` with a group-by per video, is timed at the first resolu
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from flows import tensor_parquet
 from flows.clips import ClipConfig, list_video_rows
 from flows.probe import probe
 from jobs import benchmarks
@@ -224,8 +226,7 @@ def _first_third(corpus: str, folder: Path) -> str:
 def _frames_written(clips_dir: Path, clip_len: int) -> list[tuple[str, list[list[int]], tuple[int, int]]]:
     """(video, every clip's frame indices, clip size), from the start times of the command's own clips."""
     table = pq.read_table(clips_dir, columns=["uri", "start_s", "frames"])
-    shape = table.schema.field("frames").metadata[b"reelflow.shape"]
-    height, width = (int(v) for v in shape.decode().strip("[]").split(",")[1:3])
+    _, height, width, _ = json.loads(table.schema.field("frames").metadata[tensor_parquet.SHAPE_KEY])
     by_video: dict[str, list[float]] = {}
     for uri, start in zip(table.column("uri").to_pylist(), table.column("start_s").to_pylist(), strict=True):
         by_video.setdefault(uri, []).append(start)
