@@ -1,0 +1,135 @@
+"""Planning a training run before Ray starts: labels, split, heads and the model, checked up front."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from flows import labels as flabels
+from flows import storage
+from flows.clips import VideoRow, list_video_rows
+from flows.transforms import Augment
+from jobs.config import ConfigError
+from jobs.train.config import TrainConfig
+from models import build
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the job will train on: the videos of each split, their labels and the model's heads."""
+
+    manifest: flabels.Manifest
+    corpus: str
+    train_rows: tuple[VideoRow, ...]
+    val_rows: tuple[VideoRow, ...]
+    heads: dict[str, tuple[str, ...]]
+    spec: Any
+    unlabelled: tuple[str, ...]  # corpus files the manifest does not describe
+
+    @property
+    def train_files(self) -> list[str]:
+        return sorted(self.manifest_file(r) for r in self.train_rows)
+
+    @property
+    def val_files(self) -> list[str]:
+        return sorted(self.manifest_file(r) for r in self.val_rows)
+
+    def manifest_file(self, row: VideoRow) -> str:
+        return flabels.relative_file(row.uri, self.corpus)
+
+
+def plan_run(config: TrainConfig) -> Plan:
+    """Read the manifest, list and split the corpus, build the model once; raises one-line errors."""
+    manifest = flabels.read_manifest(config.labels_uri)
+    rows = list_video_rows(config.corpus)
+    if not rows:
+        raise FileNotFoundError(f"corpus {config.corpus}: no video files found")
+    by_file = {flabels.relative_file(r.uri, config.corpus): r for r in rows}
+    labelled = sorted(f for f in by_file if f in manifest.videos)
+    unlabelled = tuple(sorted(f for f in by_file if f not in manifest.videos))
+    if config.data.max_videos is not None:
+        labelled = labelled[: config.data.max_videos]
+    if len(labelled) < 2:
+        raise ValueError(
+            f"corpus {config.corpus}: {len(labelled)} videos have labels in {config.labels_uri}; need >= 2"
+        )
+    strata = [manifest.videos[f].category for f in labelled]
+    train, val = flabels.split_videos(
+        labelled, strata, config.data.validation_fraction, config.data.split_seed
+    )
+    if not train or not val:
+        raise ValueError(f"data.validation_fraction={config.data.validation_fraction}: leaves an empty split")
+    heads = model_heads(config, manifest.labels)
+    model = build_model(config, heads)
+    return Plan(
+        manifest=manifest,
+        corpus=storage.canonical_uri(config.corpus),
+        train_rows=tuple(by_file[f] for f in train),
+        val_rows=tuple(by_file[f] for f in val),
+        heads=heads,
+        spec=model.spec,
+        unlabelled=unlabelled,
+    )
+
+
+def model_heads(config: TrainConfig, labels: flabels.LabelSet) -> dict[str, tuple[str, ...]]:
+    """Head name → label names for the tasks that train (names from the manifest, sorted)."""
+    weights = config.tasks.weights()
+    heads: dict[str, tuple[str, ...]] = {}
+    if "category" in weights:
+        heads["category"] = labels.categories
+    if "action" in weights:
+        heads["action"] = labels.actions
+    if "sentiment" in weights:
+        heads["sentiment"] = labels.sentiments
+        heads["valence"] = ()
+    if "importance" in weights:
+        heads["importance"] = ()
+    return heads
+
+
+def build_model(config: TrainConfig, heads: Mapping[str, Sequence[str]]) -> nn.Module:
+    """The model the config names, with `heads`; a bad builder argument is a one-line config error."""
+    m = config.model
+    clip = {"clip_len": m.clip_len, "frame_size": list(m.frame_size), "fps": m.fps}
+    heads = {k: list(v) for k, v in heads.items()}
+    try:
+        if m.name == "multitask":
+            steps = ["action"] if config.tasks.action_steps > 0 else []
+            return build("multitask", backbone=m.backbone, heads=heads, step_heads=steps, **clip, **m.kwargs)
+        if m.name == "sentiment":
+            return build("sentiment", heads=heads, **clip, **m.kwargs)
+        if m.name == "summarizer":
+            return build("summarizer", **clip, **m.kwargs)
+        if m.name == "cnn_lstm":
+            steps = ["action"] if config.tasks.action_steps > 0 else []
+            return build("cnn_lstm", heads=heads, step_heads=steps, **clip, **m.kwargs)
+        return build(m.name, heads=heads, **clip, **m.kwargs)
+    except TypeError as err:
+        raise ConfigError(f"config key 'model.kwargs': {m.name}: {err}") from None
+    except ValueError as err:
+        raise ConfigError(f"config key 'model': {' '.join(str(err).split())}") from None
+
+
+def augmentation(config: TrainConfig, labels: flabels.LabelSet) -> Augment:
+    """The training views: jitter, crop and flip from `data`, direction labels swapped per `flip_pairs`."""
+    d = config.data
+    try:
+        perm = labels.swap_permutation(d.flip_pairs) if d.flip and d.flip_pairs else None
+    except ValueError as err:
+        raise ConfigError(f"config key 'data.flip_pairs': {err}") from None
+    return Augment(
+        clip_len=config.model.clip_len,
+        frame_size=tuple(config.model.frame_size),
+        jitter_frames=d.jitter_frames,
+        crop_margin=d.crop_margin,
+        min_crop=d.min_crop if d.crop_margin > 0 else 1.0,
+        flip=d.flip,
+        flip_permutation=tuple(perm) if perm else None,
+    )
