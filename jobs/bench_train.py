@@ -1,6 +1,6 @@
 """`reelflow bench train`: training throughput through Ray Train against a plain PyTorch loop.
 
-Both sides run the training job's own step (`jobs.train.train_epoch`: augmentation, multi-task losses,
+Both sides run the training job's own step (`jobs.train.loop.train_epoch`: augmentation, multi-task losses,
 optimizer step) on the same model (the one `config` names, by default the demo's) over the same
 pre-decoded clips, with the same total number of torch threads:
 - plain: one process, `workers × threads` threads, batches sliced from numpy arrays in memory;
@@ -24,9 +24,12 @@ import numpy as np
 import torch
 
 from flows import labels as flabels
-from jobs import benchmarks, train
+from jobs import benchmarks
 from jobs.config import load_config
 from jobs.runtime import console, init_ray
+from jobs.train import loop as train_loop
+from jobs.train import plan as train_plan
+from jobs.train.config import TrainConfig
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 # The generated corpus's classes (jobs.make_corpus): the heads have the demo model's sizes.
@@ -72,7 +75,7 @@ class Measurement:
 def main(config: BenchTrainConfig) -> dict[str, Measurement]:
     """Time both loops, print the ratio and append it to BENCHMARKS.md."""
     job = job_config(config)
-    aug = train.augmentation(job, LABELS)
+    aug = train_plan.augmentation(job, LABELS)
     clips = synthetic_clips(config.clips, aug, job.model.fps, seed=0)
     console.print(
         f"bench train: {job.model.name}:{job.model.backbone}, {config.clips} clips of "
@@ -90,9 +93,9 @@ def main(config: BenchTrainConfig) -> dict[str, Measurement]:
     return {"plain": plain, "plain_one_worker": single, "ray_train": ray_train}
 
 
-def job_config(config: BenchTrainConfig) -> train.TrainConfig:
+def job_config(config: BenchTrainConfig) -> TrainConfig:
     """The training config with the bench's scaling (the corpus is not read)."""
-    job = load_config(train.TrainConfig, config.config, ["corpus=unused"])
+    job = load_config(TrainConfig, config.config, ["corpus=unused"])
     scaling = replace(
         job.scaling, num_workers=config.workers, torch_threads=config.threads, use_gpu=config.use_gpu
     )
@@ -119,8 +122,8 @@ def synthetic_clips(n: int, aug: Any, fps: float, seed: int) -> dict[str, np.nda
     }
 
 
-def model_heads(job: train.TrainConfig) -> dict[str, tuple[str, ...]]:
-    return train.model_heads(job, LABELS)
+def model_heads(job: TrainConfig) -> dict[str, tuple[str, ...]]:
+    return train_plan.model_heads(job, LABELS)
 
 
 # --- plain PyTorch: one process ---------------------------------------------------------------------
@@ -130,26 +133,26 @@ def _numpy_batches(clips: dict[str, np.ndarray], batch_size: int, seed: int) -> 
     order = np.random.default_rng(seed).permutation(len(clips["frames"]))
     for start in range(0, len(order) - batch_size + 1, batch_size):  # drop_last, as in training
         index = np.sort(order[start : start + batch_size])
-        yield train.collate({k: v[index] for k, v in clips.items()})
+        yield train_loop.collate({k: v[index] for k, v in clips.items()})
 
 
 def measure_plain(
-    job: train.TrainConfig, aug: Any, clips: dict[str, np.ndarray], config: BenchTrainConfig, threads: int
+    job: TrainConfig, aug: Any, clips: dict[str, np.ndarray], config: BenchTrainConfig, threads: int
 ) -> Measurement:
     """Throughput of `train_epoch` in this process with `threads` torch threads, over numpy batches."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     device = torch.device("cuda" if config.use_gpu else "cpu")
     try:
-        model = train.build_model(job, model_heads(job)).to(device)
-        optimizer = train.make_optimizer(model, job.optim)
-        schedule = train.Schedule(job.optim, max(1, config.clips // job.data.batch_size))
-        state, generator = train.TrainState(), torch.Generator().manual_seed(0)
+        model = train_plan.build_model(job, model_heads(job)).to(device)
+        optimizer = train_loop.make_optimizer(model, job.optim)
+        schedule = train_loop.Schedule(job.optim, max(1, config.clips // job.data.batch_size))
+        state, generator = train_loop.TrainState(), torch.Generator().manual_seed(0)
         seconds = clips_done = 0.0
         for epoch in range(config.warmup_epochs + config.epochs):
             batches = _numpy_batches(clips, job.data.batch_size, seed=epoch)
             started = time.perf_counter()
-            metrics = train.train_epoch(
+            metrics = train_loop.train_epoch(
                 model, optimizer, batches, job, LABELS, aug, schedule, state, device, generator, False
             )
             if device.type == "cuda":
@@ -170,30 +173,30 @@ def _ray_loop(loop: dict[str, Any]) -> dict[str, float]:
     import ray.train.torch
     import torch.distributed as dist
 
-    job: train.TrainConfig = loop["job"]
+    job: TrainConfig = loop["job"]
     config: BenchTrainConfig = loop["config"]
     torch.set_num_threads(config.threads)
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(train.build_model(job, loop["heads"]))
+    model = ray.train.torch.prepare_model(train_plan.build_model(job, loop["heads"]))
     module = getattr(model, "module", model)
-    optimizer = train.make_optimizer(module, job.optim)
+    optimizer = train_loop.make_optimizer(module, job.optim)
     world = ray.train.get_context().get_world_size()
-    schedule = train.Schedule(job.optim, max(1, config.clips // (world * job.data.batch_size)))
-    state, generator = train.TrainState(), torch.Generator().manual_seed(rank)
+    schedule = train_loop.Schedule(job.optim, max(1, config.clips // (world * job.data.batch_size)))
+    state, generator = train_loop.TrainState(), torch.Generator().manual_seed(rank)
     shard = ray.train.get_dataset_shard("train")
     seconds = clips_done = 0.0
     for epoch in range(config.warmup_epochs + config.epochs):
         batches = shard.iter_torch_batches(
             batch_size=job.data.batch_size,
-            collate_fn=train.collate,
+            collate_fn=train_loop.collate,
             local_shuffle_buffer_size=job.data.shuffle_buffer or None,
             local_shuffle_seed=epoch * 100 + rank,
             drop_last=True,
         )
         dist.barrier()
         started = time.perf_counter()
-        metrics = train.train_epoch(
+        metrics = train_loop.train_epoch(
             model, optimizer, batches, job, LABELS, loop["aug"], schedule, state, device, generator, False
         )
         if device.type == "cuda":
@@ -208,7 +211,7 @@ def _ray_loop(loop: dict[str, Any]) -> dict[str, float]:
 
 
 def measure_ray_train(
-    job: train.TrainConfig, aug: Any, clips: dict[str, np.ndarray], config: BenchTrainConfig
+    job: TrainConfig, aug: Any, clips: dict[str, np.ndarray], config: BenchTrainConfig
 ) -> Measurement:
     """Throughput of `train_epoch` in `config.workers` Ray Train workers, start-up not counted."""
     import tempfile
@@ -242,7 +245,7 @@ def _report(
     plain: Measurement,
     single: Measurement,
     ray_train: Measurement,
-    job: train.TrainConfig,
+    job: TrainConfig,
     config: BenchTrainConfig,
     load: tuple[float, float],
 ) -> None:
