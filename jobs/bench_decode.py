@@ -13,6 +13,7 @@ Ray Data's `read_videos` with a group-by per video, is timed at the first resolu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -194,12 +195,10 @@ def _run_command(corpus: str, out: Path, config: BenchDecodeConfig, measure_memo
     from jobs.clips import ClipsJobConfig
     from jobs.clips import main as clips_main
 
-    if not measure_memory:
+    memory = benchmarks.PeakMemory() if measure_memory else None
+    with memory or contextlib.nullcontext():
         summary = clips_main(ClipsJobConfig(corpus, str(out), config.clip_config))
-        return Run(summary.videos, summary.clips, summary.seconds, 0.0)
-    with benchmarks.PeakMemory() as mem:
-        summary = clips_main(ClipsJobConfig(corpus, str(out), config.clip_config))
-    return Run(summary.videos, summary.clips, summary.seconds, mem.peak_gib)
+    return Run(summary.videos, summary.clips, summary.seconds, memory.peak_gib if memory else 0.0)
 
 
 def _measure(corpus: str, name: str, out: Path, config: BenchDecodeConfig) -> Row:

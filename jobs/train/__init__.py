@@ -59,8 +59,6 @@ __all__ = [
     "main", "make_optimizer", "model_heads", "train_epoch", "train_loop",
 ]  # fmt: skip
 
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class TrainResult:

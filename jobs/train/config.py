@@ -3,7 +3,6 @@ one-line error that names it."""
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -12,9 +11,6 @@ from flows import labels as flabels
 from flows import storage
 from jobs.config import ConfigError, redact
 from models import MODELS
-
-log = logging.getLogger(__name__)
-
 
 TASKS = ("category", "action", "action_steps", "sentiment", "valence", "importance")
 STEP_BACKBONES = ("cnn_lstm",)  # backbones with per-step features (for the action_steps loss)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -16,8 +15,6 @@ from flows.clips import DECODE_TASK_CPUS, ClipConfig, VideoRow, clip_dataset, vi
 from flows.transforms import Augment
 from jobs.train.config import TrainConfig
 from jobs.train.plan import Plan
-
-log = logging.getLogger(__name__)
 
 
 def clip_configs(config: TrainConfig, spec: Any, aug: Augment) -> tuple[ClipConfig, ClipConfig]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +15,6 @@ from flows.transforms import Augment
 from jobs.config import ConfigError
 from jobs.train.config import TrainConfig
 from models import build
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
