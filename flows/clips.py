@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SAMPLINGS = ("uniform", "sliding", "random")
 DECODERS = ("auto", "decord", "pyav")
+_WINDOW_EDGE_S = 1e-6  # a frame at a window's end, up to rounding of its stored time, is inside
 # Clip-row column → (VideoInfo field, Arrow type), carried when ClipConfig.video_info is set.
 VIDEO_INFO_COLUMNS = {
     "duration_s": ("duration_s", pa.float64()),
@@ -51,8 +52,9 @@ class ClipConfig:
     `size` is the (height, width) of the decoded frames, resized inside the decoder. `sampling` picks
     the planner: `uniform` (`clips_per_video` evenly spaced), `sliding` (windows every `stride` output
     frames covering the whole video, for tagging) or `random` (`clips_per_video` seeded clips, for
-    training). `target_fps` resamples every video to the model's frame rate. `video_info` adds the
-    video's probe facts (VIDEO_INFO_COLUMNS) to every clip row, for the videos table.
+    training). `window_s` plans clips only from the frames inside (start, end) seconds: a video row's
+    labelled window sets it per video. `target_fps` resamples every video to the model's frame rate.
+    `video_info` adds the video's probe facts (VIDEO_INFO_COLUMNS) to every clip row, for the videos table.
     `decoder_threads` is each decoder's thread count: one, because the dataflow already decodes one
     video per core, and frame threads on small frames cost more CPU than they save (0: one per core).
     """
@@ -70,6 +72,7 @@ class ClipConfig:
     audio_rate: int = 16_000
     subtitles: bool = False
     video_info: bool = False
+    window_s: tuple[float, float] | None = None
     timeout_s: float = 600.0
     idle_timeout_s: float = 60.0
 
@@ -87,6 +90,11 @@ class ClipConfig:
             ("decoder", self.decoder in DECODERS, f"must be one of {', '.join(DECODERS)}"),
             ("decoder_threads", self.decoder_threads >= 0, "must be >= 0 (0: one per core)"),
             ("audio_rate", self.audio_rate >= 1000, "must be >= 1000 Hz"),
+            (
+                "window_s",
+                self.window_s is None or 0 <= self.window_s[0] < self.window_s[1],
+                "must be 0 <= start < end",
+            ),
             ("timeout_s", self.timeout_s > 0, "must be > 0"),
             ("idle_timeout_s", self.idle_timeout_s > 0, "must be > 0"),
         ]
@@ -123,6 +131,7 @@ class VideoRow:
     uri: str
     size_bytes: int
     etag: str
+    window_s: tuple[float, float] | None = None  # (start, end): plan clips only inside (a labelled window)
 
 
 def list_video_rows(corpus_uri: str) -> list[VideoRow]:
@@ -155,6 +164,12 @@ def video_dataset(videos: list[VideoRow]) -> Any:
     import ray.data
 
     items = [asdict(v) for v in videos]
+    windowed = any(v.window_s is not None for v in videos)
+    for item in items:
+        # Two float columns (NaN: no window) rather than a nullable list, which numpy batches mangle.
+        start, end = item.pop("window_s") or (math.nan, math.nan)
+        if windowed:
+            item.update(window_start_s=start, window_end_s=end)
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else os.cpu_count() or 1
     blocks = max(BLOCKS_PER_CPU * cpus, math.ceil(len(items) / MAX_VIDEOS_PER_BLOCK))
     # A Dataset keeps the DataContext it was made with, and so does every stage made from it.
@@ -211,8 +226,13 @@ def decode_video(path: str, video_key: str, config: ClipConfig, sidecar_cues: li
             yield info
     if info.n_frames < 1 or info.fps <= 0:
         raise VideoError("probe", "NoFrames", f"{path}: no video frames (n_frames={info.n_frames})")
-    plans = sampling.shifted(config.plan(info.n_frames, info.fps, video_key, times), first)
-    out_frames = sampling.grid_frames(info.n_frames, info.fps, config.target_fps, times=times)
+    n_frames = info.n_frames
+    if config.window_s is not None:
+        times, skipped, why = _window_times(times, info, config.window_s)
+        first, n_frames = first + skipped, len(times)
+        losses += [why] if why else []
+    plans = sampling.shifted(config.plan(n_frames, info.fps, video_key, times), first)
+    out_frames = sampling.grid_frames(n_frames, info.fps, config.target_fps, times=times)
     if out_frames < config.clip_len:
         losses.append(f"shorter than a clip: {out_frames} of {config.clip_len} frames, the last one repeated")
     cues = sidecar_cues
@@ -243,6 +263,23 @@ def decode_video(path: str, video_key: str, config: ClipConfig, sidecar_cues: li
     if missing:
         losses.append(f"{missing} of {assembly.planned_frames} planned frames did not decode")
     yield _VideoDone(info, assembly.planned_frames, assembly.decoded_frames, n_clips, losses)
+
+
+def _window_times(
+    times: np.ndarray | None, info: VideoInfo, window_s: tuple[float, float]
+) -> tuple[np.ndarray, int, str | None]:
+    """(the times of the frames inside the window, how many frames precede it, why the whole video is
+    planned instead: the window misses every frame)."""
+    seconds = times if times is not None else np.arange(info.n_frames) / info.fps
+    start, end = window_s
+    inside = np.flatnonzero((seconds >= start - _WINDOW_EDGE_S) & (seconds <= end + _WINDOW_EDGE_S))
+    if not inside.size:
+        return (
+            seconds,
+            0,
+            f"the labelled window {start:g}-{end:g} s holds no frame; clips from the whole video",
+        )
+    return seconds[inside[0] : inside[-1] + 1], int(inside[0]), None
 
 
 def _audio_span(track: np.ndarray | None, start_s: float, n_samples: int, rate: int) -> np.ndarray:
@@ -286,6 +323,8 @@ def iter_video_clips(
     path = None
     try:
         sidecar = _sidecar_cues(row.uri) if config.subtitles else None
+        if row.window_s is not None:
+            config = replace(config, window_s=row.window_s)
         with storage.local_copy(row.uri) as path:
             items = shared_runner().iter(
                 decode_fn,
@@ -370,6 +409,8 @@ def _clips_udf(
     partial_sink = ErrorSink(partial_uri) if partial_uri else None
     for i in range(len(batch["uri"])):
         row = VideoRow(**{k: _scalar(batch[k][i]) for k in ("video_id", "uri", "size_bytes", "etag")})
+        if "window_start_s" in batch and math.isfinite(batch["window_start_s"][i]):
+            row = replace(row, window_s=(float(batch["window_start_s"][i]), float(batch["window_end_s"][i])))
         pending: list[dict[str, Any]] = []
         result = VideoResult(row)
         try:

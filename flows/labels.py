@@ -1,10 +1,13 @@
-"""Training targets from a corpus's labels manifest (`labels.parquet`, as `reelflow make-corpus` writes it).
+"""Training targets from a corpus's labels manifest (`labels.parquet`, as `reelflow make-corpus` and
+`reelflow import-labels` write it).
 
-The manifest has one row per video: `file` (relative to the corpus), `category`, `sentiment`, `valence`,
-`actions` (list of {label, start_s, end_s}) and `highlights` (list of {start_s, end_s}). From it:
+The manifest has one row per video: `file` (relative to the corpus) and any of the label columns
+(`MANIFEST_COLUMNS`: `category`, `sentiment`, `valence`, `actions` as a list of {label, start_s, end_s},
+`highlights` as a list of {start_s, end_s}, per-frame `importance`), plus an optional `split` and labelled
+window. A manifest has the heads its source labels, and a null cell is a video without that label. From it:
 
-- `read_manifest` → a `Manifest`: the rows by file and the `LabelSet` (sorted class names per head; actions
-  get the background label `"none"` for time no segment covers);
+- `read_manifest` → a `Manifest`: the rows by file, the label columns and the `LabelSet` (sorted class
+  names per head; actions get the background label `"none"` for time no segment covers);
 - `split_videos` → a deterministic train / validation split BY VIDEO, stratified by category;
 - `step_targets` → per-frame targets of one clip (the action covering each frame's time, whether a
   highlight covers it), from which `clip_action` / `clip_importance` derive the clip's label after any
@@ -30,36 +33,87 @@ from flows import storage
 
 BACKGROUND = "none"
 LABELS_FILE = "labels.parquet"  # a corpus's manifest, at its root
-REQUIRED_COLUMNS = ("file", "category", "sentiment", "valence", "actions", "highlights")
+SPLITS = ("train", "val", "test")
+ACTION_TYPE = pa.list_(
+    pa.struct([("label", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64())])
+)
+HIGHLIGHT_TYPE = pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64())]))
+# Every column but `file` is optional: a manifest has the heads its source labels. A null cell is a video
+# without that label (a semi-labelled corpus); an empty `actions` list is a video labelled as action-free.
+MANIFEST_COLUMNS: dict[str, pa.DataType] = {
+    "file": pa.string(),  # relative to the corpus
+    "category": pa.string(),
+    "sentiment": pa.string(),
+    "valence": pa.float64(),  # [-1, 1]
+    "actions": ACTION_TYPE,
+    "highlights": HIGHLIGHT_TYPE,
+    "split": pa.string(),  # one of SPLITS
+    "window_start_s": pa.float64(),  # the labelled window (Kinetics), clips are drawn inside it
+    "window_end_s": pa.float64(),
+    "importance": pa.list_(pa.float32()),  # per-frame importance (TVSum), at importance_fps
+    "importance_fps": pa.float64(),
+}
+LABEL_COLUMNS = ("category", "sentiment", "valence", "actions", "highlights", "importance")
+
+
+def manifest_schema(columns: Sequence[str]) -> pa.Schema:
+    """The manifest's schema with `file` and the given columns, in MANIFEST_COLUMNS' order."""
+    unknown = sorted(set(columns) - set(MANIFEST_COLUMNS))
+    if unknown:
+        raise ValueError(f"labels: unknown columns {unknown} (known: {list(MANIFEST_COLUMNS)})")
+    return pa.schema([(c, t) for c, t in MANIFEST_COLUMNS.items() if c == "file" or c in columns])
+
+
+def write_manifest(uri: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    """Write `rows` (dicts keyed by column) as the manifest at `uri`, with exactly `file` + `columns`."""
+    table = pa.Table.from_pylist(list(rows), schema=manifest_schema(columns))
+    fs, path = storage.arrow_filesystem(uri)
+    pq.write_table(table, path, filesystem=fs)
+
+
+IGNORE = -100  # the class target of a video without that label (cross-entropy's ignore_index)
 # A frame lies in a segment when its time is within the segment's ends, up to rounding of stored times.
 _EDGE_S = 1e-6
 
 
 @dataclass(frozen=True)
 class VideoLabels:
-    """The labels of one video."""
+    """The labels of one video; None where the manifest gives the video no such label."""
 
     file: str
-    category: str
-    sentiment: str
-    valence: float
-    actions: tuple[tuple[str, float, float], ...]  # (label, start_s, end_s)
-    highlights: tuple[tuple[float, float], ...]  # (start_s, end_s)
+    category: str | None = None
+    sentiment: str | None = None
+    valence: float | None = None
+    actions: tuple[tuple[str, float, float], ...] | None = None  # (label, start_s, end_s)
+    highlights: tuple[tuple[float, float], ...] | None = None  # (start_s, end_s)
+    split: str | None = None
+    window: tuple[float, float] | None = None  # (start_s, end_s): where the label holds
+    importance: tuple[float, ...] | None = None  # per frame, at importance_fps
+    importance_fps: float | None = None
+
+    def has(self, head: str) -> bool:
+        """Whether the video has ground truth for a head (`importance`: highlights or importance scores)."""
+        if head == "importance":
+            return self.highlights is not None or self.importance is not None
+        return getattr(self, "actions" if head == "action" else head) is not None
 
 
 @dataclass(frozen=True)
 class LabelSet:
-    """Class names per head, sorted; `actions` ends with the background label."""
+    """Class names per head, sorted; `actions` ends with the background label. A head the manifest does
+    not label has no names."""
 
-    categories: tuple[str, ...]
-    actions: tuple[str, ...]
-    sentiments: tuple[str, ...]
+    categories: tuple[str, ...] = ()
+    actions: tuple[str, ...] = ()
+    sentiments: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("categories", "actions", "sentiments"):
             values = getattr(self, name)
-            if len(values) < 2 or len(set(values)) != len(values):
+            if values and (len(values) < 2 or len(set(values)) != len(values)):
                 raise ValueError(f"label set: {name} {list(values)} must hold >= 2 distinct names")
+        if self.actions and self.actions[-1] != BACKGROUND:
+            raise ValueError(f"label set: actions {list(self.actions)} must end with {BACKGROUND!r}")
 
     @property
     def background(self) -> int:
@@ -88,13 +142,35 @@ class LabelSet:
         return perm
 
 
+# The head each label column trains (the importance head learns from highlights or importance scores).
+COLUMN_HEADS = {
+    "category": "category",
+    "sentiment": "sentiment",
+    "valence": "valence",
+    "actions": "action",
+    "highlights": "importance",
+    "importance": "importance",
+}
+
+
 @dataclass(frozen=True)
 class Manifest:
-    """A labels manifest: its URI, every video's labels by relative file name, and the label set."""
+    """A labels manifest: its URI, every video's labels by relative file name, the label set and the
+    label columns it has."""
 
     uri: str
     videos: dict[str, VideoLabels]
     labels: LabelSet
+    columns: tuple[str, ...] = ("category", "sentiment", "valence", "actions", "highlights")
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        """The heads some video has ground truth for."""
+        return tuple(dict.fromkeys(COLUMN_HEADS[c] for c in self.columns if c in COLUMN_HEADS))
+
+    @property
+    def has_split(self) -> bool:
+        return "split" in self.columns
 
 
 def read_manifest(uri: str) -> Manifest:
@@ -108,18 +184,24 @@ def read_manifest(uri: str) -> Manifest:
         table = pq.read_table(path, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as err:
         raise ValueError(f"labels {uri}: not a Parquet file ({' '.join(str(err).split())[:200]})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-    if missing:
-        raise ValueError(f"labels {uri}: missing columns {missing} (has {table.column_names})")
+    if "file" not in table.column_names:
+        raise ValueError(f"labels {uri}: missing column 'file' (has {table.column_names})")
+    columns = tuple(c for c in MANIFEST_COLUMNS if c in table.column_names and c != "file")
+    if not any(c in LABEL_COLUMNS for c in columns):
+        raise ValueError(
+            f"labels {uri}: no label column (has {table.column_names}; any of {list(LABEL_COLUMNS)})"
+        )
     videos: dict[str, VideoLabels] = {}
-    for i, row in enumerate(table.select(list(REQUIRED_COLUMNS)).to_pylist()):
+    for i, row in enumerate(table.select(["file", *columns]).to_pylist()):
         video = _video_labels(uri, i, row)
         if video.file in videos:
             raise ValueError(f"labels {uri}: file {video.file!r} appears twice")
         videos[video.file] = video
     if not videos:
         raise ValueError(f"labels {uri}: no rows")
-    return Manifest(storage.canonical_uri(uri), videos, label_set(videos.values(), _declared(table)))
+    return Manifest(
+        storage.canonical_uri(uri), videos, label_set(videos.values(), _declared(table), columns), columns
+    )
 
 
 def _video_labels(uri: str, i: int, row: dict[str, Any]) -> VideoLabels:
@@ -127,27 +209,72 @@ def _video_labels(uri: str, i: int, row: dict[str, Any]) -> VideoLabels:
     file = row["file"]
     if not isinstance(file, str) or not file.strip() or file.startswith("/") or ".." in file.split("/"):
         raise ValueError(f"{where}: file {file!r} must be a path relative to the corpus")
+    where = f"{where} ({file})"
     for column in ("category", "sentiment"):
-        if not isinstance(row[column], str) or not row[column] or row[column] == BACKGROUND:
-            raise ValueError(f"{where} ({file}): {column} {row[column]!r} must be a non-empty label name")
-    valence = row["valence"]
-    if not isinstance(valence, (int, float)) or not -1.0 <= valence <= 1.0:
-        raise ValueError(f"{where} ({file}): valence {valence!r} must be a number in [-1, 1]")
+        value = row.get(column)
+        if value is not None and (not isinstance(value, str) or not value or value == BACKGROUND):
+            raise ValueError(f"{where}: {column} {value!r} must be a non-empty label name")
+    valence = row.get("valence")
+    if valence is not None and (not isinstance(valence, (int, float)) or not -1.0 <= valence <= 1.0):
+        raise ValueError(f"{where}: valence {valence!r} must be a number in [-1, 1]")
+    split = row.get("split")
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"{where}: split {split!r} must be one of {', '.join(SPLITS)}")
+    return VideoLabels(
+        file,
+        category=row.get("category"),
+        sentiment=row.get("sentiment"),
+        valence=None if valence is None else float(valence),
+        actions=_actions(where, row.get("actions")),
+        highlights=_highlights(where, row.get("highlights")),
+        split=split,
+        window=_window(where, row.get("window_start_s"), row.get("window_end_s")),
+        importance=_importance(where, row.get("importance"), row.get("importance_fps")),
+        importance_fps=row.get("importance_fps"),
+    )
+
+
+def _actions(where: str, segments: list | None) -> tuple[tuple[str, float, float], ...] | None:
+    if segments is None:
+        return None
     actions = []
-    for seg in row["actions"] or []:
+    for seg in segments:
         label, start, end = seg.get("label"), seg.get("start_s"), seg.get("end_s")
         if not label or label == BACKGROUND or start is None or end is None or end < start:
-            raise ValueError(f"{where} ({file}): bad action segment {seg!r}")
+            raise ValueError(f"{where}: bad action segment {seg!r}")
         actions.append((str(label), float(start), float(end)))
+    return tuple(actions)
+
+
+def _highlights(where: str, segments: list | None) -> tuple[tuple[float, float], ...] | None:
+    if segments is None:
+        return None
     highlights = []
-    for seg in row["highlights"] or []:
+    for seg in segments:
         start, end = seg.get("start_s"), seg.get("end_s")
         if start is None or end is None or end < start:
-            raise ValueError(f"{where} ({file}): bad highlight segment {seg!r}")
+            raise ValueError(f"{where}: bad highlight segment {seg!r}")
         highlights.append((float(start), float(end)))
-    return VideoLabels(
-        file, row["category"], row["sentiment"], float(valence), tuple(actions), tuple(highlights)
-    )
+    return tuple(highlights)
+
+
+def _window(where: str, start: float | None, end: float | None) -> tuple[float, float] | None:
+    if start is None and end is None:
+        return None
+    if start is None or end is None or start < 0 or end <= start:
+        raise ValueError(f"{where}: window_start_s {start!r} / window_end_s {end!r} must be 0 <= start < end")
+    return float(start), float(end)
+
+
+def _importance(where: str, scores: list | None, fps: float | None) -> tuple[float, ...] | None:
+    if scores is None:
+        return None
+    if not scores or fps is None or not fps > 0:
+        raise ValueError(f"{where}: importance needs scores and an importance_fps > 0 (got {fps!r})")
+    values = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError(f"{where}: importance holds a missing or non-finite score")
+    return tuple(float(v) for v in values)
 
 
 def _declared(table: pa.Table) -> dict[str, list[str]]:
@@ -163,15 +290,27 @@ def _declared(table: pa.Table) -> dict[str, list[str]]:
 
 
 def label_set(
-    videos: Sequence[VideoLabels] | Any, declared: Mapping[str, Sequence[str]] | None = None
+    videos: Sequence[VideoLabels] | Any,
+    declared: Mapping[str, Sequence[str]] | None = None,
+    columns: Sequence[str] = ("category", "sentiment", "actions"),
 ) -> LabelSet:
-    """Sorted class names seen in `videos` plus any `declared` ones; the background action goes last."""
+    """Sorted class names seen in `videos` plus any `declared` ones, for the label `columns` the manifest
+    has; the background action goes last."""
     videos = list(videos)
     declared = declared or {}
-    categories = {v.category for v in videos} | set(declared.get("categories", ()))
-    sentiments = {v.sentiment for v in videos} | set(declared.get("sentiments", ()))
-    actions = {a[0] for v in videos for a in v.actions} | set(declared.get("actions", ()))
-    return LabelSet(tuple(sorted(categories)), (*sorted(actions), BACKGROUND), tuple(sorted(sentiments)))
+    names = {}
+    for column, key, values in (
+        ("category", "categories", [v.category for v in videos]),
+        ("sentiment", "sentiments", [v.sentiment for v in videos]),
+        ("actions", "actions", [a[0] for v in videos for a in v.actions or ()]),
+    ):
+        names[key] = (
+            tuple(sorted({x for x in values if x is not None} | set(declared.get(key, ()))))
+            if column in columns
+            else ()
+        )
+    actions = (*names["actions"], BACKGROUND) if "actions" in columns else ()
+    return LabelSet(names["categories"], actions, names["sentiments"])
 
 
 # --- the split ----------------------------------------------------------------------------------------
@@ -210,19 +349,37 @@ def frame_times(start_s: float, end_s: float, n_frames: int) -> np.ndarray:
 
 
 def step_targets(video: VideoLabels, times: np.ndarray, labels: LabelSet) -> tuple[np.ndarray, np.ndarray]:
-    """(action index per frame int64 [T], 1.0 where a highlight covers the frame float32 [T])."""
-    action_index = labels.index()["action"]
-    actions = np.full(len(times), labels.background, dtype=np.int64)
-    for label, start, end in video.actions:
-        actions[(times >= start - _EDGE_S) & (times <= end + _EDGE_S)] = action_index[label]
-    importance = np.zeros(len(times), dtype=np.float32)
-    for start, end in video.highlights:
-        importance[(times >= start - _EDGE_S) & (times <= end + _EDGE_S)] = 1.0
+    """(action index per frame int64 [T], importance per frame float32 [T]): 1.0 where a highlight covers
+    the frame, or the video's importance score scaled to [0, 1]. Frames without ground truth get
+    IGNORE (actions) and NaN (importance), which the losses and metrics leave out."""
+    actions = np.full(len(times), IGNORE, dtype=np.int64)
+    if video.actions is not None and labels.actions:
+        action_index = labels.index()["action"]
+        actions[:] = labels.background
+        for label, start, end in video.actions:
+            actions[(times >= start - _EDGE_S) & (times <= end + _EDGE_S)] = action_index[label]
+    importance = np.full(len(times), np.nan, dtype=np.float32)
+    if video.highlights is not None:
+        importance[:] = 0.0
+        for start, end in video.highlights:
+            importance[(times >= start - _EDGE_S) & (times <= end + _EDGE_S)] = 1.0
+    elif video.importance is not None:
+        scores = scaled_importance(video.importance)
+        index = np.clip(np.round(times * float(video.importance_fps)).astype(np.int64), 0, len(scores) - 1)
+        importance[:] = scores[index]
     return actions, importance
 
 
+def scaled_importance(scores: Sequence[float]) -> np.ndarray:
+    """Importance scores scaled to [0, 1] per video (TVSum's 1-5 means; constant scores give 0)."""
+    values = np.asarray(scores, dtype=np.float32)
+    low, high = float(values.min()), float(values.max())
+    return (values - low) / (high - low) if high > low else np.zeros_like(values)
+
+
 def clip_action(steps: np.ndarray | Any, background: int) -> Any:
-    """The clip's action: the label covering more than half of its frames, else `background`.
+    """The clip's action: the label covering more than half of its frames, else `background`; IGNORE
+    for a clip without action ground truth.
 
     Works on one clip ([T] → scalar) or a batch ([B, T] → [B]), numpy or torch.
     """
@@ -231,6 +388,8 @@ def clip_action(steps: np.ndarray | Any, background: int) -> Any:
     steps_t = torch.as_tensor(steps)
     squeeze = steps_t.dim() == 1
     steps_t = steps_t.reshape(-1, steps_t.shape[-1]).long()
+    unlabelled = (steps_t < 0).all(dim=1)
+    steps_t = steps_t.clamp(min=0)
     n_classes = int(max(int(steps_t.max()), background)) + 1
     counts = torch.zeros(steps_t.shape[0], n_classes, dtype=torch.long).scatter_add_(
         1, steps_t, torch.ones_like(steps_t)
@@ -238,6 +397,7 @@ def clip_action(steps: np.ndarray | Any, background: int) -> Any:
     counts[:, background] = 0
     best_count, best = counts.max(dim=1)
     out = torch.where(2 * best_count > steps_t.shape[1], best, torch.full_like(best, background))
+    out = torch.where(unlabelled, torch.full_like(out, IGNORE), out)
     if isinstance(steps, np.ndarray):
         return out[0].item() if squeeze else out.numpy()
     return out[0] if squeeze else out
@@ -266,7 +426,8 @@ def attach_targets(
     """Ray Data `map_batches` UDF (numpy format): clip rows + `TARGET_COLUMNS`.
 
     Per-frame targets (`action_steps`, `importance_steps`) cover every decoded frame, so a temporal crop
-    in training keeps exactly the targets of the frames it keeps.
+    in training keeps exactly the targets of the frames it keeps. A label the video lacks is IGNORE
+    (classes) or NaN (valence, importance).
     """
     index = labels.index()
     n = len(batch["uri"])
@@ -278,9 +439,9 @@ def attach_targets(
         times = frame_times(float(batch["start_s"][i]), float(batch["end_s"][i]), n_frames)
         actions, importance = step_targets(video, times, labels)
         out["file"].append(file)
-        out["category"].append(index["category"][video.category])
-        out["sentiment"].append(index["sentiment"][video.sentiment])
-        out["valence"].append(video.valence)
+        out["category"].append(index["category"].get(video.category, IGNORE))
+        out["sentiment"].append(index["sentiment"].get(video.sentiment, IGNORE))
+        out["valence"].append(np.nan if video.valence is None else video.valence)
         out["action_steps"].append(actions)
         out["importance_steps"].append(importance)
     result = dict(batch)

@@ -128,4 +128,5 @@ def flip_labels(
     if permutation is None or not bool(flipped.any()):
         return steps
     perm = torch.as_tensor(permutation, dtype=steps.dtype, device=steps.device)
-    return torch.where(flipped.to(steps.device)[:, None], perm[steps], steps)
+    swap = flipped.to(steps.device)[:, None] & (steps >= 0)  # frames without ground truth stay ignored
+    return torch.where(swap, perm[steps.clamp(min=0)], steps)

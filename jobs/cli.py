@@ -240,8 +240,19 @@ def _tables(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from jobs import evaluate
 
-    metrics = evaluate.evaluate_model(args.model, args.corpus, args.labels, tracking_uri=args.tracking_uri)
+    config = evaluate.EvaluateConfig(args.model, args.corpus, args.labels, args.tracking_uri, args.split)
+    metrics = evaluate.main(config)
     evaluate.print_metrics(metrics)
+    return 0
+
+
+def _import_labels(args: argparse.Namespace) -> int:
+    from jobs import import_labels
+
+    config = import_labels.ImportLabelsConfig(
+        format=args.format, src=args.src, corpus=args.corpus, split=args.split
+    )
+    import_labels.main(config)
     return 0
 
 
@@ -410,7 +421,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", required=True, help="folder or s3:// prefix holding the videos")
     p.add_argument("--labels", help="labels manifest (default: CORPUS/labels.parquet)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--split", choices=["train", "val", "test", "all"],
+                   help="split to score (default: test, else val, if the labels have splits)")  # fmt: skip
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("import-labels", help="write a corpus's labels.parquet from a dataset's annotations")
+    formats = ("folders", "ucf101", "kinetics", "activitynet", "tvsum", "table")  # flows.annotations.FORMATS
+    p.add_argument("format", choices=formats, metavar="FORMAT", help="one of " + ", ".join(formats))
+    p.add_argument(
+        "src", metavar="SRC",
+        help="the annotation file (ucf101: the folder of classInd.txt and the lists; folders: -)",
+    )  # fmt: skip
+    p.add_argument("--corpus", required=True, help="folder or s3:// prefix holding the videos")
+    p.add_argument("--split", type=int, choices=(1, 2, 3), help="ucf101: which split's lists (default 1)")
+    p.set_defaults(func=_import_labels)
     return parser
 
 

@@ -4,9 +4,11 @@
 
 The videos are decoded and predicted exactly as `reelflow tag` does (sliding windows at the model's
 input, the actor pool, `flows.aggregate`), and what would become table rows is scored against the
-labels manifest with `jobs.evaluation`: category top-1 / top-5, action segment F1 at IoU 0.5, sentiment
-accuracy, valence MAE and highlight F1 (SumMe / TVSum protocol). The command prints the metrics as one
-JSON object on its last line.
+labels manifest with `jobs.evaluation`: category top-1 / top-5 and mean class accuracy, action segment F1
+at IoU 0.5 and ActivityNet's mAP over tIoU 0.5:0.95, sentiment accuracy, valence MAE and highlight F1
+(SumMe / TVSum protocol). Each head is scored on the videos that have its ground truth; a metric without
+any is null. With a `split` column the manifest's held-out split (`test`, else `val`) is scored unless
+`--split` says otherwise. The command prints the metrics as one JSON object on its last line.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ from jobs import evaluation
 from jobs.registered import DEFAULT_MLFLOW_DIR, resolve_models
 from jobs.runtime import console
 
-METRICS = ("category_top1", "category_top5", "action_f1", "sentiment_accuracy", "valence_mae", "highlight_f1")
+METRICS = (
+    "category_top1", "category_top5", "category_mean_class_accuracy", "action_f1", "action_map",
+    "sentiment_accuracy", "valence_mae", "highlight_f1",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class EvaluateConfig:
     corpus: str
     labels: str | None = None
     tracking_uri: str | None = None
+    split: str | None = None  # train, val, test or all; default: test, else val, when the labels have splits
     predict: PredictConfig = field(default_factory=PredictConfig)
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
 
@@ -64,9 +70,11 @@ def main(config: EvaluateConfig, videos: Sequence[str] | None = None) -> dict[st
     tracking_uri = tracking.tracking_uri(config.tracking_uri, DEFAULT_MLFLOW_DIR)
     (model,) = resolve_models([config.model], tracking_uri)
     manifest = flabels.read_manifest(config.labels or storage.join_uri(config.corpus, flabels.LABELS_FILE))
-    rows = select_videos(config.corpus, manifest, videos)
+    split = None if videos is not None else config.split or held_out_split(manifest)
+    rows = select_videos(config.corpus, manifest, videos, None if split == "all" else split)
     clip_config = tagging_clip_config([model.spec], None)
-    console.print(f"evaluate: {model.uri} on {len(rows)} labelled videos of {config.corpus}")
+    scope = f" (split {split})" if split and split != "all" else ""
+    console.print(f"evaluate: {model.uri} on {len(rows)} labelled videos of {config.corpus}{scope}")
 
     init_ray()
     with tempfile.TemporaryDirectory(prefix="reelflow-evaluate-") as tmp:
@@ -84,11 +92,24 @@ def main(config: EvaluateConfig, videos: Sequence[str] | None = None) -> dict[st
     return metrics
 
 
-def select_videos(corpus: str, manifest: flabels.Manifest, videos: Sequence[str] | None) -> list[VideoRow]:
-    """The corpus's videos that have labels, or just `videos` (each must be in the corpus and labelled)."""
+def held_out_split(manifest: flabels.Manifest) -> str | None:
+    """The split a model is scored on: `test` when the manifest has test videos, else `val`, else None."""
+    splits = {v.split for v in manifest.videos.values()}
+    return next((s for s in ("test", "val") if s in splits), None)
+
+
+def select_videos(
+    corpus: str, manifest: flabels.Manifest, videos: Sequence[str] | None, split: str | None = None
+) -> list[VideoRow]:
+    """The corpus's videos that have labels (in `split`, when given), or just `videos` (each must be in
+    the corpus and labelled)."""
     listed = {flabels.relative_file(r.uri, corpus): r for r in list_video_rows(corpus)}
+    if split is not None and split not in flabels.SPLITS:
+        raise ValueError(f"evaluate: split {split!r} must be one of {', '.join(flabels.SPLITS)} or all")
     if videos is None:
-        chosen = [f for f in sorted(listed) if f in manifest.videos]
+        chosen = [
+            f for f in sorted(listed) if f in manifest.videos and split in (None, manifest.videos[f].split)
+        ]
     else:
         chosen = []
         for name in videos:
@@ -99,7 +120,8 @@ def select_videos(corpus: str, manifest: flabels.Manifest, videos: Sequence[str]
                 raise ValueError(f"evaluate: video {name!r} has no labels in {manifest.uri}")
             chosen.append(file)
     if not chosen:
-        raise ValueError(f"evaluate: no labelled videos in {corpus} (labels {manifest.uri})")
+        scope = f" in split {split!r}" if split else ""
+        raise ValueError(f"evaluate: no labelled videos{scope} in {corpus} (labels {manifest.uri})")
     return [listed[f] for f in chosen]
 
 
@@ -110,57 +132,106 @@ def score(
     durations: dict[str, float | None],
     config: AggregateConfig | None = None,
 ) -> dict[str, Any]:
-    """The metrics of per-video summaries (by corpus-relative file) against the manifest."""
+    """The metrics of per-video summaries (by corpus-relative file) against the manifest. Each head is
+    scored on the videos that have its ground truth; a head without any stays None."""
     config = config or AggregateConfig()
     out: dict[str, Any] = dict.fromkeys(METRICS)
-    truth = {f: manifest.videos[f] for f in summaries}
-    if not truth:
-        return out
-    if "category" in heads:
-        out["category_top1"], out["category_top5"] = _topk(summaries, truth, heads["category"])
-    if "action" in heads:
-        counts = evaluation.SegmentCounts()
-        for f, s in summaries.items():
-            true = [evaluation.Segment(start, end, label) for label, start, end in truth[f].actions]
-            counts += evaluation.match_segments(s.actions, true, iou=0.5)
-        scores = counts.scores()
-        out.update(
-            action_f1=scores["f1"], action_precision=scores["precision"], action_recall=scores["recall"]
-        )
-    if "sentiment" in heads:
+
+    def labelled(head: str) -> dict[str, flabels.VideoLabels]:
+        return {f: manifest.videos[f] for f in summaries if manifest.videos[f].has(head)}
+
+    if "category" in heads and (truth := labelled("category")):
+        out.update(_classification({f: summaries[f] for f in truth}, truth, heads["category"]))
+    if "action" in heads and (truth := labelled("action")):
+        out.update(_actions({f: summaries[f] for f in truth}, truth))
+    if "sentiment" in heads and (truth := labelled("sentiment")):
         names = heads["sentiment"]
-        pred = [names[s.sentiment[0]] if s.sentiment else "" for s in summaries.values()]
+        pred = [names[summaries[f].sentiment[0]] if summaries[f].sentiment else "" for f in truth]
         out["sentiment_accuracy"] = evaluation.sentiment_accuracy([t.sentiment for t in truth.values()], pred)
-    if "valence" in heads:
-        pairs = [(truth[f].valence, s.valence) for f, s in summaries.items() if s.valence is not None]
+    if "valence" in heads and (truth := labelled("valence")):
+        pairs = [
+            (t.valence, summaries[f].valence) for f, t in truth.items() if summaries[f].valence is not None
+        ]
         if pairs:
             out["valence_mae"] = evaluation.valence_mae(*zip(*pairs, strict=True))
-    if "importance" in heads:
+    if "importance" in heads and (truth := labelled("importance")):
         f1s = []
-        for f, s in summaries.items():
-            duration = durations.get(f)
-            if s.importance is None or not truth[f].highlights or not duration:
+        for f, video in truth.items():
+            s, duration = summaries[f], durations.get(f)
+            if s.importance is None or not duration:
                 continue
             times, values = s.importance
-            f1s.append(
-                evaluation.highlight_f1(values, times, truth[f].highlights, duration, config.highlight_budget)
-            )
+            true = true_highlights(video, duration, config.highlight_budget)
+            if true:
+                f1s.append(evaluation.highlight_f1(values, times, true, duration, config.highlight_budget))
         out["highlight_f1"] = float(np.mean(f1s)) if f1s else None
     return out
 
 
-def _topk(summaries: dict[str, VideoSummary], truth: dict, labels: Sequence[str]) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy of the video-level category; a true label the head lacks is a miss."""
-    index = {name: i for i, name in enumerate(labels)}
-    known = [f for f in summaries if truth[f].category in index and "category" in summaries[f].classes]
-    if not known:
-        return 0.0, 0.0
-    probs = np.stack([summaries[f].classes["category"] for f in known])
-    target = np.array([index[truth[f].category] for f in known])
-    share = len(known) / len(summaries)
-    top1 = evaluation.topk_accuracy(probs, target, 1) * share
-    top5 = evaluation.topk_accuracy(probs, target, 5) * share
-    return top1, top5
+def _classification(
+    summaries: dict[str, VideoSummary], truth: dict[str, flabels.VideoLabels], names: Sequence[str]
+) -> dict[str, float]:
+    """Top-1 / top-5 and mean class accuracy of the video-level category (UCF101's and Kinetics' metrics);
+    a true label the head lacks is a miss."""
+    index = {name: i for i, name in enumerate(names)}
+    unknown = len(names)  # a true class outside the head: one more class, never predicted
+
+    target = np.array([index.get(t.category, unknown) for t in truth.values()])
+    predicted = np.array(["category" in summaries[f].classes for f in truth])
+    scored = (target < unknown) & predicted
+    top1 = top5 = 0.0
+    if scored.any():
+        probs = np.stack(
+            [summaries[f].classes["category"] for f, ok in zip(truth, scored, strict=True) if ok]
+        )
+        top1 = evaluation.topk_accuracy(probs, target[scored], 1) * scored.mean()
+        top5 = evaluation.topk_accuracy(probs, target[scored], 5) * scored.mean()
+    preds = np.array(
+        [
+            summaries[f].classes["category"].argmax() if ok else unknown + 1
+            for f, ok in zip(truth, predicted, strict=True)
+        ]
+    )
+    return {
+        "category_top1": top1,
+        "category_top5": top5,
+        "category_mean_class_accuracy": evaluation.mean_class_accuracy(target, preds, unknown + 2),
+    }
+
+
+def _actions(summaries: dict[str, VideoSummary], truth: dict[str, flabels.VideoLabels]) -> dict[str, float]:
+    """Segment F1 at tIoU 0.5 and ActivityNet's detection mAP averaged over tIoU 0.5:0.05:0.95."""
+    counts = evaluation.SegmentCounts()
+    true = {
+        f: [evaluation.Segment(start, end, label) for label, start, end in t.actions]
+        for f, t in truth.items()
+    }
+    for f, s in summaries.items():
+        counts += evaluation.match_segments(s.actions, true[f], iou=0.5)
+    scores = counts.scores()
+    out = {
+        "action_f1": scores["f1"],
+        "action_precision": scores["precision"],
+        "action_recall": scores["recall"],
+    }
+    if any(true.values()):
+        detection = evaluation.detection_map({f: s.actions for f, s in summaries.items()}, true)
+        out.update({f"action_{k}": v for k, v in detection.items()})
+    return out
+
+
+def true_highlights(
+    video: flabels.VideoLabels, duration_s: float, budget: float
+) -> list[tuple[float, float]]:
+    """A video's ground-truth summary: its highlight segments, or for per-frame importance scores (TVSum)
+    the knapsack summary of those scores under the same budget, as the summarization papers build it."""
+    if video.highlights is not None:
+        return list(video.highlights)
+    if video.importance is None or not video.importance_fps:
+        return []
+    scores = flabels.scaled_importance(video.importance)
+    times = np.arange(len(scores)) / float(video.importance_fps)
+    return [(s.start_s, s.end_s) for s in evaluation.select_highlights(scores, times, duration_s, budget)]
 
 
 def print_metrics(metrics: dict[str, Any]) -> None:

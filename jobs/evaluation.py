@@ -1,7 +1,9 @@
 """Evaluation metrics: pure numpy functions, each following a published protocol.
 
-- categories: top-k accuracy;
-- actions: windows → segments, and segment precision / recall / F1 at a temporal IoU (ActivityNet matching);
+- categories: top-k accuracy, and mean class accuracy (the UCF101 / HMDB51 mean of per-class recall);
+- actions: windows → segments, segment precision / recall / F1 at a temporal IoU (ActivityNet matching),
+  and ActivityNet temporal action detection mAP: interpolated average precision per class, averaged over
+  classes at each tIoU threshold and over the thresholds 0.5:0.05:0.95 (`Evaluation/eval_detection.py`);
 - sentiment: accuracy and valence mean absolute error;
 - highlights: knapsack shot selection under a 15 % duration budget and per-time-step F1 against the
   ground-truth highlight mask (the SumMe / TVSum protocol of Zhang et al. 2016, as evaluated by VASNet);
@@ -14,7 +16,7 @@ re-exported here.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +34,9 @@ from flows.aggregate import (  # noqa: F401  (re-exported: the metrics' vocabula
 # Two IoUs this close count as equal, so that a segment exactly at the threshold matches despite rounding
 # (e.g. 0.1 s steps: (0.3 - 0.1) / (0.5 - 0.1) is 0.49999999999999994 in binary floating point).
 IOU_TOLERANCE = 1e-9
+
+# ActivityNet's detection tIoU thresholds, 0.5, 0.55, ..., 0.95 (`np.linspace(0.5, 0.95, 10)`).
+ACTIVITYNET_TIOUS: tuple[float, ...] = tuple(float(t) for t in np.linspace(0.5, 0.95, 10))
 
 
 # --- classification -----------------------------------------------------------------------------------
@@ -66,6 +71,22 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> n
     cm = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(cm, (labels.astype(np.int64), preds.astype(np.int64)), 1)
     return cm
+
+
+def mean_class_accuracy(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> float:
+    """Mean over the classes present in `labels` of per-class recall (UCF101 / HMDB51 mean class accuracy).
+
+    Each class present in the ground truth weighs the same however many samples it has; a class absent
+    from `labels` is not averaged (its recall is undefined), even when it is predicted.
+    """
+    labels, preds = _pair("mean_class_accuracy", labels, preds)
+    _check_classes("mean_class_accuracy", labels, n_classes)
+    _check_classes("mean_class_accuracy", preds, n_classes)
+    labels, preds = labels.astype(np.int64), preds.astype(np.int64)
+    support = np.bincount(labels, minlength=n_classes)
+    correct = np.bincount(labels[labels == preds], minlength=n_classes)
+    present = support > 0
+    return float((correct[present] / support[present]).mean())
 
 
 def per_class_report(labels: np.ndarray, preds: np.ndarray, class_names: Sequence[str]) -> dict[str, dict]:
@@ -164,6 +185,103 @@ def segment_f1(pred: Iterable[Segment], true: Iterable[Segment], iou: float = 0.
     For a corpus, add up `match_segments` over videos and call `.scores()` (micro-averaging).
     """
     return match_segments(pred, true, iou).scores()
+
+
+def interpolated_average_precision(precision: Sequence[float], recall: Sequence[float]) -> float:
+    """Area under the monotone precision envelope of a ranked list's precision / recall (VOC 2010+ AP).
+
+    ActivityNet's `interpolated_prec_rec`: precision is padded with 0 at both ends and recall with 0 and 1,
+    each precision becomes the highest at equal or greater recall, and AP sums recall steps × precision.
+    """
+    prec, rec = np.asarray(precision, dtype=np.float64), np.asarray(recall, dtype=np.float64)
+    if prec.ndim != 1 or prec.shape != rec.shape:
+        raise ValueError(
+            f"interpolated_average_precision: two 1-D arrays of one length, got {prec.shape}, {rec.shape}"
+        )
+    mprec = np.concatenate([[0.0], prec, [0.0]])
+    mrec = np.concatenate([[0.0], rec, [1.0]])
+    mprec = np.maximum.accumulate(mprec[::-1])[::-1]
+    steps = np.flatnonzero(mrec[1:] != mrec[:-1]) + 1
+    return float(np.sum((mrec[steps] - mrec[steps - 1]) * mprec[steps]))
+
+
+def detection_map(
+    predictions: Mapping[str, Sequence[Segment]],
+    ground_truth: Mapping[str, Sequence[Segment]],
+    tious: Sequence[float] = ACTIVITYNET_TIOUS,
+) -> dict[str, float]:
+    """ActivityNet temporal action detection mAP of per-video predicted segments, by tIoU threshold.
+
+    As the official `Evaluation/eval_detection.py` (`compute_average_precision_detection`): for each
+    label with ground truth, its predictions from all videos in decreasing score order (equal scores keep
+    their given order) each take, per threshold, the unmatched true segment of that label in the same
+    video with the highest tIoU, if it reaches the threshold (within `IOU_TOLERANCE`, so a tIoU exactly
+    at a threshold matches; ties go to the first given); any other prediction is a false positive. AP is
+    `interpolated_average_precision` of the cumulative precision / recall (recall over all of the label's
+    true segments); mAP at a threshold is the mean AP over labels with ground truth, and "map" averages
+    over the thresholds. Predictions of labels without ground truth cannot change it; predictions for
+    videos not in `ground_truth` are ignored (the official script would count them as false positives).
+
+    Returns "map" and "map_<threshold in %>" for each threshold: "map_50", "map_55", ..., "map_95" for
+    the default ActivityNet thresholds.
+    """
+    thresholds = np.asarray(tious, dtype=np.float64)
+    if thresholds.ndim != 1 or thresholds.size == 0 or not np.all((thresholds > 0) & (thresholds <= 1)):
+        raise ValueError(f"detection_map: tious must be a non-empty list of values in (0, 1], got {tious}")
+    keys = [f"map_{round(float(t) * 100, 6):02g}" for t in thresholds]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"detection_map: tious must be distinct, got {tious}")
+    truth: dict[Hashable, dict[str, list[Segment]]] = {}  # label → video → true segments
+    for video, segments in ground_truth.items():
+        for segment in segments:
+            truth.setdefault(segment.label, {}).setdefault(video, []).append(segment)
+    if not truth:
+        raise ValueError("detection_map: no ground-truth segments")
+    ap = np.zeros((len(truth), thresholds.size))
+    for c, (label, true_by_video) in enumerate(truth.items()):
+        ranked = [
+            (video, p)
+            for video, segments in predictions.items()
+            if video in ground_truth
+            for p in segments
+            if p.label == label
+        ]
+        ap[c] = _detection_ap(ranked, true_by_video, thresholds)
+    mean_ap = ap.mean(axis=0)
+    return {"map": float(mean_ap.mean()), **{k: float(v) for k, v in zip(keys, mean_ap, strict=True)}}
+
+
+def _detection_ap(
+    predictions: list[tuple[str, Segment]], truth: Mapping[str, list[Segment]], thresholds: np.ndarray
+) -> np.ndarray:
+    """Interpolated AP at each threshold of one label's (video, segment) predictions against its truth."""
+    scores = np.array([p.score for _, p in predictions], dtype=np.float64)
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("detection_map: prediction scores must be finite")
+    order = np.argsort(-scores, kind="stable")
+    tp = np.zeros((thresholds.size, len(predictions)), dtype=bool)
+    taken = {
+        video: np.zeros((thresholds.size, len(segments)), dtype=bool) for video, segments in truth.items()
+    }
+    for rank, i in enumerate(order):
+        video, p = predictions[i]
+        true = truth.get(video, [])
+        if not true:
+            continue  # no true segment of this label in the video: a false positive at every threshold
+        ious = np.array([temporal_iou(p, t) for t in true])
+        by_iou = np.argsort(-ious, kind="stable")
+        for k, threshold in enumerate(thresholds):
+            for j in by_iou:
+                if ious[j] < threshold - IOU_TOLERANCE:
+                    break
+                if not taken[video][k, j]:
+                    taken[video][k, j] = tp[k, rank] = True
+                    break
+    n_true = sum(len(segments) for segments in truth.values())
+    tp_cum = np.cumsum(tp, axis=1)
+    precision = tp_cum / np.arange(1, len(predictions) + 1)
+    recall = tp_cum / n_true
+    return np.array([interpolated_average_precision(precision[k], recall[k]) for k in range(thresholds.size)])
 
 
 # --- highlights ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from torch import nn
 from models.spec import ModelSpec
 
 STEPS_SUFFIX = "_steps"
+IGNORE_INDEX = -100  # a class target without ground truth (cross-entropy's default ignore_index)
 
 
 class Heads(nn.Module):
@@ -55,7 +56,8 @@ def head_loss(
     """Sum over the heads named in `targets` of their loss against `outputs`.
 
     Targets: class indices (long [B], or [B, T] for "<head>_steps"; -100 is ignored) for classification heads,
-    floats for "valence" (mean squared error) and "importance" (binary cross-entropy, targets in [0, 1]).
+    floats for "valence" (mean squared error) and "importance" (binary cross-entropy, targets in [0, 1]);
+    NaN is ignored. Samples without ground truth (a semi-labelled corpus) add no loss.
     A target for a head the model does not have is an error naming it.
     """
     missing = sorted(set(targets) - set(outputs))
@@ -67,10 +69,19 @@ def head_loss(
     for key, target in targets.items():
         out = outputs[key]
         head = key.removesuffix(STEPS_SUFFIX)
-        if head == "valence":
-            total = total + F.mse_loss(out, target.to(out.dtype))
-        elif head == "importance":
-            total = total + F.binary_cross_entropy(out.clamp(1e-6, 1 - 1e-6), target.to(out.dtype))
+        if head in ("valence", "importance"):
+            target = target.to(out.dtype)
+            known = torch.isfinite(target)
+            if not bool(known.any()):
+                total = total + out.sum() * 0.0  # keeps the head in the graph (DDP) at no loss
+            elif head == "valence":
+                total = total + F.mse_loss(out[known], target[known])
+            else:
+                total = total + F.binary_cross_entropy(out[known].clamp(1e-6, 1 - 1e-6), target[known])
         else:
-            total = total + F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1).long())
+            logits, target = out.reshape(-1, out.shape[-1]), target.reshape(-1).long()
+            if not bool((target != IGNORE_INDEX).any()):
+                total = total + logits.sum() * 0.0
+            else:
+                total = total + F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
     return total

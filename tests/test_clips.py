@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +256,28 @@ def test_clip_rows_can_carry_the_videos_probe_facts(shared_videos: Path) -> None
     assert "duration_s" not in next(
         iter_video_clips(row, ClipConfig(clip_len=2, size=(32, 32), clips_per_video=1))
     )
+
+
+def test_a_labelled_window_bounds_every_clip_and_the_dataflow_carries_it(
+    shared_videos: Path, ray_session, tmp_path: Path
+) -> None:
+    # A Kinetics-style label holds for 4-6 s of a 10 s video: clips come from there only, and the audio too.
+    (row,) = list_video_rows(str(shared_videos / "testdata" / "Big_Buck_Bunny_180_10s.webm"))
+    config = ClipConfig(clip_len=8, size=(32, 32), sampling="random", clips_per_video=6, target_fps=10.0)
+    whole = list(iter_video_clips(row, config))
+    assert min(c["start_s"] for c in whole) < 4.0 or max(c["end_s"] for c in whole) > 6.0
+    windowed = replace(row, window_s=(4.0, 6.0))
+    clips = list(iter_video_clips(windowed, config))
+    assert len(clips) == 6
+    assert all(4.0 - 1e-6 <= c["start_s"] <= c["end_s"] <= 6.0 + 1e-6 for c in clips)
+
+    # Through Ray Data, the window travels in the video rows to the decode tasks.
+    (other,) = list_video_rows(str(shared_videos / "mmaction2" / "test.mp4"))
+    ds = clip_dataset(video_dataset([windowed, other]), config, str(tmp_path / "errors"))
+    rows = ds.select_columns(["uri", "start_s", "end_s"]).take_all()
+    bunny = [r for r in rows if r["uri"] == windowed.uri]
+    assert len(bunny) == 6 and all(4.0 - 1e-6 <= r["start_s"] <= r["end_s"] <= 6.0 + 1e-6 for r in bunny)
+    assert len(rows) == 12
 
 
 @pytest.mark.parametrize(

@@ -14,13 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobs.evaluation import (
+    ACTIVITYNET_TIOUS,
     Segment,
     SegmentCounts,
     confusion_matrix,
+    detection_map,
     fixed_shots,
     highlight_f1,
+    interpolated_average_precision,
     knapsack,
     match_segments,
+    mean_class_accuracy,
     per_class_report,
     segment_f1,
     segments_from_windows,
@@ -239,3 +243,230 @@ def test_short_videos_get_shots_that_fit_the_budget() -> None:
     f1 = highlight_f1(importance, times, [(2.0, 3.3)], 6.0)
     assert f1 == pytest.approx(2 * (9 / 13) / (1 + 9 / 13))  # 9 steps kept, all inside the 13-step truth
     assert highlight_f1(importance, times, [(2.0, 3.3)], 6.0, shot_s=2.0) == 0.0
+
+
+# --- mean class accuracy ------------------------------------------------------------------------------
+
+
+def test_mean_class_accuracy_weighs_classes_equally() -> None:
+    labels, preds = [0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 1]
+    assert sentiment_accuracy(labels, preds) == pytest.approx(5 / 6)  # plain accuracy
+    assert mean_class_accuracy(labels, preds, 2) == pytest.approx((4 / 4 + 1 / 2) / 2)  # 0.75
+
+
+def test_mean_class_accuracy_skips_classes_absent_from_labels() -> None:
+    # Class 2 is predicted once but never true: only classes 0 (recall 1/2) and 1 (recall 1) are averaged.
+    labels, preds = [0, 0, 1, 1], [0, 2, 1, 1]
+    assert mean_class_accuracy(labels, preds, 3) == pytest.approx(0.75)  # not (1/2 + 1 + 0) / 3
+    assert mean_class_accuracy(np.array([3, 3]), np.array([3, 0]), 5) == 0.5
+
+
+def test_mean_class_accuracy_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="mean_class_accuracy: class indices"):
+        mean_class_accuracy([0, 1], [0, 2], 2)
+    with pytest.raises(ValueError, match="mean_class_accuracy: class indices"):
+        mean_class_accuracy([0.0, 1.0], [0, 1], 2)
+    with pytest.raises(ValueError, match="one length"):
+        mean_class_accuracy([0, 1], [0], 2)
+    with pytest.raises(ValueError, match="no samples"):
+        mean_class_accuracy([], [], 2)
+
+
+# --- temporal action detection mAP --------------------------------------------------------------------
+
+
+def test_activitynet_thresholds() -> None:
+    np.testing.assert_array_equal(ACTIVITYNET_TIOUS, np.linspace(0.5, 0.95, 10))  # the official thresholds
+    np.testing.assert_allclose(ACTIVITYNET_TIOUS, [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95])
+
+
+def test_interpolated_average_precision_by_hand() -> None:
+    # TP, FP, TP over 2 true segments: precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1.
+    assert interpolated_average_precision([1, 0.5, 2 / 3], [0.5, 0.5, 1]) == pytest.approx(
+        1 * 0.5 + 2 / 3 * 0.5
+    )
+    # FP, TP, TP: the envelope lifts recall 0..1/2 to 2/3 (the mean of precisions at TPs would be 0.5833,
+    # VOC 2007's 11-point mean 0.6667 too here, but see TP, FP, TP above: 0.8485 there).
+    assert interpolated_average_precision([0, 0.5, 2 / 3], [0, 0.5, 1]) == pytest.approx(2 / 3)
+    assert interpolated_average_precision([], []) == 0.0
+    with pytest.raises(ValueError, match="one length"):
+        interpolated_average_precision([1.0], [0.5, 1.0])
+
+
+def test_detection_map_by_hand() -> None:
+    truth = {"v": [Segment(0, 10, "a"), Segment(20, 30, "a")]}
+    tp_fp_tp = {"v": [Segment(20, 30, "a", 0.7), Segment(0, 10, "a", 0.9), Segment(40, 50, "a", 0.8)]}
+    result = detection_map(tp_fp_tp, truth)
+    assert set(result) == {"map"} | {f"map_{t}" for t in range(50, 100, 5)}
+    # Every match has tIoU 1, so every threshold gives the interpolated AP 1 × 1/2 + 2/3 × 1/2.
+    assert result == pytest.approx(dict.fromkeys(result, 5 / 6))
+    fp_tp_tp = {"v": [Segment(20, 30, "a", 0.7), Segment(0, 10, "a", 0.8), Segment(40, 50, "a", 0.9)]}
+    assert detection_map(fp_tp_tp, truth)["map"] == pytest.approx(2 / 3)
+    assert detection_map({}, truth) == dict.fromkeys(result, 0.0)  # no predictions: every AP is 0
+
+
+def test_detection_map_ranks_predictions_across_videos() -> None:
+    # Scores are ranked over all videos: TP (0.9, v1), TP (0.8, v2), FP (0.6, v1) has AP 1; ranking video
+    # by video would give TP, FP, TP and 5/6.
+    truth = {"v1": [Segment(0, 10, "a")], "v2": [Segment(0, 10, "a")]}
+    predictions = {
+        "v1": [Segment(0, 10, "a", 0.9), Segment(50, 60, "a", 0.6)],
+        "v2": [Segment(0, 10, "a", 0.8)],
+    }
+    assert detection_map(predictions, truth)["map"] == pytest.approx(1.0)
+
+
+def test_detection_map_over_tiou_thresholds() -> None:
+    truth = {"v": [Segment(0, 10, "a")]}
+    # tIoU 0.6 matches at 0.5, 0.55 and 0.6, not at 0.65 and above: AP 1 at 3 of the 10 thresholds.
+    result = detection_map({"v": [Segment(0, 6, "a", 0.5)]}, truth)
+    assert [result[f"map_{t}"] for t in range(50, 100, 5)] == [1.0] * 3 + [0.0] * 7
+    assert result["map"] == pytest.approx(0.3)
+    # tIoU 0.7 (5 thresholds of 10) and 0.925 (9 of 10).
+    assert detection_map({"v": [Segment(3, 10, "a")]}, truth)["map"] == pytest.approx(0.5)
+    assert detection_map({"v": [Segment(0.75, 10, "a")]}, truth)["map"] == pytest.approx(0.9)
+    # A tIoU at a threshold matches even where it computes just below: 0.2 / 0.4 is 0.49999999999999994.
+    result = detection_map({"v": [Segment(0.1, 0.3, "a")]}, {"v": [Segment(0.1, 0.5, "a")]})
+    assert result["map_50"] == 1.0 and result["map_55"] == 0.0 and result["map"] == pytest.approx(0.1)
+    # Custom thresholds name their keys by percent.
+    assert detection_map({"v": [Segment(0, 6, "a")]}, truth, tious=[0.3, 0.6, 0.625]) == pytest.approx(
+        {"map": 2 / 3, "map_30": 1.0, "map_60": 1.0, "map_62.5": 0.0}
+    )
+
+
+def test_detection_map_duplicate_detection_is_a_false_positive() -> None:
+    truth = {"v": [Segment(0, 10, "a"), Segment(20, 30, "a")]}
+    duplicate = Segment(0.5, 10, "a", 0.8)  # tIoU 0.95 with the first true segment, already taken at 0.9
+    predictions = {"v": [Segment(0, 10, "a", 0.9), duplicate, Segment(20, 30, "a", 0.7)]}
+    assert detection_map(predictions, truth)["map_50"] == pytest.approx(5 / 6)  # TP, FP, TP
+    # The higher-scored prediction takes the best-overlapping true segment; the next takes what is left.
+    truth = {"v": [Segment(0, 10, "a"), Segment(0, 12, "a")]}
+    predictions = {"v": [Segment(0, 10, "a", 0.9), Segment(0, 10, "a", 0.8)]}  # tIoU 1 and 10/12
+    result = detection_map(predictions, truth)
+    assert result["map_80"] == 1.0 and result["map_85"] == pytest.approx(0.5)  # TP, TP at 0.8; TP, FP at 0.85
+
+
+def test_detection_map_matches_within_a_video() -> None:
+    # v1's prediction covers v2's true segment, not v1's: a false positive (pooling videos would make it a
+    # TP and v2's prediction the FP: AP 1/2). Then v2's TP: precision 0, 1/2 at recall 0, 1/2 → AP 1/4.
+    truth = {"v1": [Segment(0, 10, "a")], "v2": [Segment(20, 30, "a")], "v3": []}
+    predictions = {"v1": [Segment(20, 30, "a", 0.9)], "v2": [Segment(20, 30, "a", 0.8)]}
+    assert detection_map(predictions, truth)["map"] == pytest.approx(0.25)
+    # A video absent from the ground truth is not scored; one present without segments holds only FPs.
+    unknown = {**predictions, "elsewhere": [Segment(0, 10, "a", 1.0)]}
+    assert detection_map(unknown, truth)["map"] == pytest.approx(0.25)
+    empty = {**predictions, "v3": [Segment(0, 10, "a", 1.0)]}  # FP, FP, TP: precision 1/3 at recall 1/2
+    assert detection_map(empty, truth)["map"] == pytest.approx(1 / 6)
+
+
+def test_detection_map_averages_classes() -> None:
+    # Class a: 3 true segments, all found (AP 1); class b: 1, missed (AP 0). The mean over classes is 1/2
+    # (pooling all 4 segments in one ranking would give 3/4). Class c has no ground truth: not averaged.
+    truth = {
+        "v": [Segment(0, 10, "a"), Segment(20, 30, "a"), Segment(40, 50, "b")],
+        "w": [Segment(0, 5, "a")],
+    }
+    predictions = {
+        "v": [Segment(0, 10, "a", 0.9), Segment(20, 30, "a", 0.8), Segment(60, 70, "c", 0.99)],
+        "w": [Segment(0, 5, "a", 0.7), Segment(0, 5, "b", 0.95)],  # the right span with the wrong label
+    }
+    assert detection_map(predictions, truth) == pytest.approx(
+        {"map": 0.5, **{f"map_{t}": 0.5 for t in range(50, 100, 5)}}
+    )
+
+
+def test_detection_map_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="no ground-truth segments"):
+        detection_map({"v": [Segment(0, 1, "a")]}, {})
+    with pytest.raises(ValueError, match="no ground-truth segments"):
+        detection_map({"v": [Segment(0, 1, "a")]}, {"v": []})
+    with pytest.raises(ValueError, match="tious"):
+        detection_map({}, {"v": [Segment(0, 1, "a")]}, tious=[0.0, 0.5])
+    with pytest.raises(ValueError, match="tious"):
+        detection_map({}, {"v": [Segment(0, 1, "a")]}, tious=[])
+    with pytest.raises(ValueError, match="distinct"):
+        detection_map({}, {"v": [Segment(0, 1, "a")]}, tious=[0.5, 0.5])
+    with pytest.raises(ValueError, match="finite"):
+        detection_map({"v": [Segment(0, 1, "a", float("nan"))]}, {"v": [Segment(0, 1, "a")]})
+
+
+def _official_class_ap(truth: list[tuple], predictions: list[tuple], tious: np.ndarray) -> np.ndarray:
+    """ActivityNet's `compute_average_precision_detection` + `interpolated_prec_rec`, transcribed loop by
+    loop from `Evaluation/eval_detection.py` (pandas frames → lists of (video, start, end[, score]))."""
+    ap = np.zeros(len(tious))
+    if not predictions:
+        return ap
+    npos = float(len(truth))
+    lock_gt = np.ones((len(tious), len(truth))) * -1
+    predictions = [predictions[i] for i in np.array([p[3] for p in predictions]).argsort()[::-1]]
+    tp, fp = np.zeros((len(tious), len(predictions))), np.zeros((len(tious), len(predictions)))
+    for idx, (video, start, end, _) in enumerate(predictions):
+        this_gt = [(i, t) for i, t in enumerate(truth) if t[0] == video]
+        if not this_gt:
+            fp[:, idx] = 1
+            continue
+        gt = np.array([[t[1], t[2]] for _, t in this_gt])
+        inter = (np.minimum(end, gt[:, 1]) - np.maximum(start, gt[:, 0])).clip(0)
+        tiou_arr = inter / ((gt[:, 1] - gt[:, 0]) + (end - start) - inter)
+        tiou_sorted_idx = tiou_arr.argsort()[::-1]
+        for tidx, tiou_thr in enumerate(tious):
+            for jdx in tiou_sorted_idx:
+                if tiou_arr[jdx] < tiou_thr:
+                    fp[tidx, idx] = 1
+                    break
+                if lock_gt[tidx, this_gt[jdx][0]] >= 0:
+                    continue
+                tp[tidx, idx] = 1
+                lock_gt[tidx, this_gt[jdx][0]] = idx
+                break
+            if fp[tidx, idx] == 0 and tp[tidx, idx] == 0:
+                fp[tidx, idx] = 1
+    tp_cumsum, fp_cumsum = np.cumsum(tp, axis=1), np.cumsum(fp, axis=1)
+    recall_cumsum, precision_cumsum = tp_cumsum / npos, tp_cumsum / (tp_cumsum + fp_cumsum)
+    for tidx in range(len(tious)):
+        mprec = np.hstack([[0], precision_cumsum[tidx], [0]])
+        mrec = np.hstack([[0], recall_cumsum[tidx], [1]])
+        for i in range(len(mprec) - 1)[::-1]:
+            mprec[i] = max(mprec[i], mprec[i + 1])
+        i = np.where(mrec[1::] != mrec[0:-1])[0] + 1
+        ap[tidx] = np.sum((mrec[i] - mrec[i - 1]) * mprec[i])
+    return ap
+
+
+def test_detection_map_agrees_with_official_activitynet_code() -> None:
+    # Continuous random spans and scores (no ties, no tIoU exactly at a threshold, where the two may differ).
+    rng = np.random.default_rng(0)
+    tious, nontrivial = np.linspace(0.5, 0.95, 10), 0
+    for _ in range(200):
+        truth: dict[str, list[Segment]] = {}
+        predictions: dict[str, list[Segment]] = {}
+        for v in range(int(rng.integers(1, 5))):
+            video = f"v{v}"
+            truth[video], predictions[video] = [], []
+            for _ in range(int(rng.integers(0, 5))):
+                start = rng.uniform(0, 50)
+                truth[video].append(Segment(start, start + rng.uniform(1, 20), f"c{rng.integers(3)}"))
+            for _ in range(int(rng.integers(0, 8))):
+                if truth[video] and rng.random() < 0.7:  # near a true segment, mostly with its label
+                    t = truth[video][rng.integers(len(truth[video]))]
+                    start = t.start_s + rng.normal(0, 1.5)
+                    end = max(start + 0.5, t.end_s + rng.normal(0, 1.5))
+                    label = t.label if rng.random() < 0.8 else f"c{rng.integers(3)}"
+                else:
+                    start = rng.uniform(0, 50)
+                    end, label = start + rng.uniform(1, 20), f"c{rng.integers(3)}"
+                predictions[video].append(Segment(start, end, label, float(rng.random())))
+        labels = sorted({s.label for segments in truth.values() for s in segments})
+        if not labels:
+            continue
+        rows = lambda segs, label: [  # noqa: E731
+            (v, s.start_s, s.end_s, s.score) for v, ss in segs.items() for s in ss if s.label == label
+        ]
+        expected = np.mean(
+            [_official_class_ap(rows(truth, c), rows(predictions, c), tious) for c in labels], 0
+        )
+        result = detection_map(predictions, truth)
+        assert [result[f"map_{t}"] for t in range(50, 100, 5)] == pytest.approx(expected.tolist(), abs=1e-12)
+        assert result["map"] == pytest.approx(expected.mean(), abs=1e-12)
+        nontrivial += 0 < result["map"] < 1
+    assert nontrivial > 100

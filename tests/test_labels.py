@@ -48,10 +48,13 @@ def test_bad_manifests_give_one_line_errors(tmp_path, manifest_uri: str) -> None
     with pytest.raises(FileNotFoundError, match=r"labels .*missing\.parquet: not found"):
         fl.read_manifest(str(tmp_path / "missing.parquet"))
     table = pq.read_table(manifest_uri)
-    pq.write_table(table.drop(["actions"]), tmp_path / "no_actions.parquet")
-    with pytest.raises(ValueError, match=r"missing columns \['actions'\]") as err:
-        fl.read_manifest(str(tmp_path / "no_actions.parquet"))
+    pq.write_table(table.drop(["file"]), tmp_path / "no_file.parquet")
+    with pytest.raises(ValueError, match=r"missing column 'file'") as err:
+        fl.read_manifest(str(tmp_path / "no_file.parquet"))
     assert "\n" not in str(err.value)
+    pq.write_table(table.select(["file", "duration_s"]), tmp_path / "no_labels.parquet")
+    with pytest.raises(ValueError, match=r"no_labels.parquet: no label column"):
+        fl.read_manifest(str(tmp_path / "no_labels.parquet"))
     rows = table.to_pylist()
     rows[5]["valence"] = 3.0
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), tmp_path / "bad_valence.parquet")
@@ -152,3 +155,60 @@ def test_full_frame_crop_is_identity_and_flip_mirrors() -> None:
     assert torch.equal(same, image.float())
     mirrored = crop_resize(image, whole, centre, torch.tensor([True]), (4, 4))
     assert torch.equal(mirrored, image.flip(3).float())
+
+
+def test_a_manifest_has_the_heads_its_columns_label(tmp_path, manifest_uri: str) -> None:
+    table = pq.read_table(manifest_uri)
+    pq.write_table(table.select(["file", "category"]), tmp_path / "category.parquet")
+    manifest = fl.read_manifest(str(tmp_path / "category.parquet"))
+    assert manifest.heads == ("category",)
+    assert manifest.labels.actions == () and manifest.labels.sentiments == ()
+    video = manifest.videos["video_00000.mp4"]
+    assert video.has("category") and not video.has("action") and video.actions is None
+
+    # Actions on half the videos: the others have no action ground truth (null), not "no actions".
+    rows = table.select(["file", "actions"]).to_pylist()
+    for row in rows[::2]:
+        row["actions"] = None
+    rows[1]["actions"] = []
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=fl.manifest_schema(["actions"])), tmp_path / "half.parquet"
+    )
+    manifest = fl.read_manifest(str(tmp_path / "half.parquet"))
+    assert manifest.heads == ("action",)
+    assert not manifest.videos["video_00000.mp4"].has("action")
+    assert manifest.videos["video_00001.mp4"].actions == ()
+
+
+def test_videos_without_a_label_get_targets_the_losses_ignore() -> None:
+    labels = fl.LabelSet(("a", "b"), ("slide", fl.BACKGROUND), ())
+    times = fl.frame_times(0.0, 1.0, 5)
+    unlabelled = fl.VideoLabels("u.mp4", category="a")
+    actions, importance = fl.step_targets(unlabelled, times, labels)
+    assert (actions == fl.IGNORE).all() and np.isnan(importance).all()
+    assert fl.clip_action(actions, labels.background) == fl.IGNORE
+    no_actions = fl.VideoLabels("n.mp4", actions=(), highlights=())
+    actions, importance = fl.step_targets(no_actions, times, labels)
+    assert (actions == labels.background).all() and (importance == 0).all()
+    batch = np.stack([fl.step_targets(unlabelled, times, labels)[0], actions])
+    assert fl.clip_action(batch, labels.background).tolist() == [fl.IGNORE, labels.background]
+
+
+def test_importance_scores_become_per_frame_targets_in_0_1() -> None:
+    # TVSum-style: a score per source frame at 2 fps, scaled per video from its 1-5 range to [0, 1].
+    video = fl.VideoLabels("t.mp4", importance=(1.0, 3.0, 5.0, 5.0), importance_fps=2.0)
+    _, importance = fl.step_targets(video, np.array([0.0, 0.5, 1.0, 1.5, 9.0]), fl.LabelSet())
+    np.testing.assert_allclose(importance, [0.0, 0.5, 1.0, 1.0, 1.0])
+
+
+def test_bad_split_and_window_cells_name_the_row(tmp_path) -> None:
+    rows = [{"file": "a.mp4", "category": "x", "split": "training"}]
+    fl.write_manifest(str(tmp_path / "split.parquet"), rows, ["category", "split"])
+    with pytest.raises(
+        ValueError, match=r"row 0 \(a.mp4\): split 'training' must be one of train, val, test"
+    ):
+        fl.read_manifest(str(tmp_path / "split.parquet"))
+    rows = [{"file": "a.mp4", "category": "x", "window_start_s": 5.0, "window_end_s": 2.0}]
+    fl.write_manifest(str(tmp_path / "window.parquet"), rows, ["category", "window_start_s", "window_end_s"])
+    with pytest.raises(ValueError, match=r"row 0 \(a.mp4\): window_start_s 5.0 / window_end_s 2.0"):
+        fl.read_manifest(str(tmp_path / "window.parquet"))

@@ -16,7 +16,11 @@ Reads top to bottom as the job runs:
    epoch validates, logs metrics (rank 0 only) and reports a checkpoint. A killed worker restarts the
    group from the last checkpoint (`max_failures`); re-running with the same run name resumes;
 5. the final checkpoint's model is logged with `mlflow.pytorch` and its spec, registered with an alias,
-   evaluated on the validation videos (`jobs.evaluate.evaluate_model`), and its URI printed last.
+   evaluated (`jobs.evaluate.evaluate_model`) on the manifest's official `test` split (else `val`, else the
+   validation videos), and its URI printed last.
+
+The manifest may label any subset of the heads: tasks without labels are left out with a warning, videos
+without a head's label add no loss to it, and a `split` column trains on `train` only.
 
 The package: `config` (the typed sections), `plan` (what is checked before Ray starts), `data` (clips and
 their targets, the cache), `loop` (what every Ray Train worker runs); the job itself is here.
@@ -71,6 +75,7 @@ class TrainResult:
     metrics: dict[str, float]
     evaluation: dict[str, float]
     val_files: tuple[str, ...]
+    eval_files: tuple[str, ...] = ()
 
 
 def main(config: TrainConfig) -> TrainResult:
@@ -79,14 +84,21 @@ def main(config: TrainConfig) -> TrainResult:
     from jobs.runtime import console, init_ray
 
     plan = plan_run(config)
+    config = plan.config  # less the tasks without labels
     aug = augmentation(config, plan.manifest.labels)
     storage.makedirs(config.run_uri)
     tracking_uri = tracking.tracking_uri(config.mlflow.tracking_uri, _default_mlflow_dir(config))
     console.rule(f"[bold]train[/] {config.run_name}")
     console.print(
-        f"{plan.spec.name}: {len(plan.train_rows)} training / {len(plan.val_rows)} validation videos, "
+        f"{plan.spec.name}: {len(plan.train_rows)} training / {len(plan.val_rows)} validation / "
+        f"{len(plan.eval_rows)} evaluation videos, "
         f"heads {', '.join(plan.heads)}; run in {config.run_uri}"
     )
+    if plan.dropped_tasks:
+        console.print(
+            f"[yellow]train: tasks {', '.join(plan.dropped_tasks)} have no labels in {config.labels_uri}: "
+            "left out"
+        )
     if plan.unlabelled:
         console.print(f"[yellow]{len(plan.unlabelled)} corpus files have no labels and are left out")
 
@@ -128,6 +140,7 @@ def main(config: TrainConfig) -> TrainResult:
         metrics=metrics,
         evaluation=evaluation,
         val_files=tuple(plan.val_files),
+        eval_files=tuple(plan.eval_files),
     )
 
 
@@ -151,6 +164,7 @@ def _log_split(run_id: str, plan: Plan, tracking_uri: str) -> None:
     split = {
         "train": plan.train_files,
         "validation": plan.val_files,
+        "evaluation": plan.eval_files,
         "unlabelled": list(plan.unlabelled),
         "labels": asdict(plan.manifest.labels),
         "heads": {k: list(v) for k, v in plan.heads.items()},
@@ -255,7 +269,7 @@ def _per_class_text(per_class: Mapping[str, Mapping[str, Mapping[str, float]]]) 
 def _evaluate(
     config: TrainConfig, plan: Plan, model_uri: str, run_id: str, tracking_uri: str
 ) -> dict[str, float]:
-    """The video-level evaluation (`reelflow evaluate`) on the validation videos, logged as `eval_*`."""
+    """The video-level evaluation (`reelflow evaluate`) on the evaluation videos, logged as `eval_*`."""
     from mlflow import MlflowClient
 
     from jobs import tracking
@@ -263,7 +277,7 @@ def _evaluate(
     from jobs.runtime import console
 
     metrics = evaluate_model(
-        model_uri, config.corpus, labels=config.labels_uri, videos=plan.val_files, tracking_uri=tracking_uri
+        model_uri, config.corpus, labels=config.labels_uri, videos=plan.eval_files, tracking_uri=tracking_uri
     )
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     tracking.log_metrics(
@@ -272,5 +286,5 @@ def _evaluate(
     MlflowClient(tracking_uri).log_text(run_id, json.dumps(metrics, indent=1, default=str), "evaluation.json")
     counts = ("videos", "videos_scored", "videos_failed", "clips")
     shown = ", ".join(f"{k} {v:.0f}" if k in counts else f"{k} {v:.3f}" for k, v in numbers.items())
-    console.print(f"train: validation videos: {shown}")
+    console.print(f"train: evaluation videos: {shown}")
     return numbers

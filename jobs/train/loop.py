@@ -200,12 +200,13 @@ def _targets(
 ) -> dict[str, torch.Tensor]:
     targets = {
         "category": batch["category"],
-        "action": flabels.clip_action(steps, labels.background),
         "action_steps": steps,
         "sentiment": batch["sentiment"],
         "valence": batch["valence"].float(),
         "importance": flabels.clip_importance(importance),
     }
+    if labels.actions:  # a manifest without action labels has no background class either
+        targets["action"] = flabels.clip_action(steps, labels.background)
     return {k: v.to(device, non_blocking=True) for k, v in targets.items()}
 
 
@@ -351,25 +352,30 @@ class _Sums:
         self._add("loss", sum(weights[t] * float(losses[t]) for t in weights) * n)
         for task, loss in losses.items():
             self._add(f"loss_{task}", float(loss) * n)
+        # Every key is added on every batch (zeros too): the workers all-reduce the same keys.
         for head in self.classes:
             logits, truth = outputs[head].cpu(), targets[head].cpu()
+            known = truth >= 0  # clips of videos without this label are not scored
+            logits, truth = logits[known], truth[known]
             pred = logits.argmax(dim=1)
+            self._add(f"{head}_n", known.sum())
             self._add(f"{head}_correct", (pred == truth).sum())
             k = min(5, logits.shape[1])
             self._add(f"{head}_top5", (logits.topk(k, dim=1).indices == truth[:, None]).any(dim=1).sum())
             self.confusion[head].index_put_(
-                (truth, pred), torch.ones(n, dtype=torch.float64), accumulate=True
+                (truth, pred), torch.ones(len(truth), dtype=torch.float64), accumulate=True
             )
         if "action_steps" in weights:
-            steps = outputs["action_steps"].argmax(dim=-1).cpu()
-            self._add("action_steps_correct", (steps == targets["action_steps"].cpu()).sum())
-            self._add("action_steps_n", steps.numel())
-        if "valence" in weights:
-            self._add("valence_abs", (outputs["valence"].cpu() - targets["valence"].cpu()).abs().sum())
-        if "importance" in weights:
-            self._add(
-                "importance_abs", (outputs["importance"].cpu() - targets["importance"].cpu()).abs().sum()
-            )
+            steps, truth = outputs["action_steps"].argmax(dim=-1).cpu(), targets["action_steps"].cpu()
+            known = truth >= 0
+            self._add("action_steps_correct", (steps[known] == truth[known]).sum())
+            self._add("action_steps_n", known.sum())
+        for head in ("valence", "importance"):
+            if head in weights:
+                truth = targets[head].cpu()
+                known = torch.isfinite(truth)
+                self._add(f"{head}_abs", (outputs[head].cpu()[known] - truth[known]).abs().sum())
+                self._add(f"{head}_n", known.sum())
 
     def reduce(self, heads: Mapping[str, Sequence[str]]) -> tuple[dict[str, float], dict[str, Any]]:
         import torch.distributed as dist
@@ -395,19 +401,19 @@ class _Sums:
         for head, k in self.classes.items():
             cm = flat[offset : offset + k * k].reshape(k, k).round().long().numpy()
             offset += k * k
-            metrics[f"val_{head}_top1"] = values[f"{head}_correct"] / n
-            if k > 5:
-                metrics[f"val_{head}_top5"] = values[f"{head}_top5"] / n
             report["confusion"][head] = {"labels": list(heads[head]), "matrix": cm.tolist()}
             report["per_class"][head] = _per_class(cm, heads[head])
-        if "action_steps_n" in values:
-            metrics["val_action_steps_accuracy"] = values["action_steps_correct"] / max(
-                values["action_steps_n"], 1
-            )
-        if "valence_abs" in values:
-            metrics["val_valence_mae"] = values["valence_abs"] / n
-        if "importance_abs" in values:
-            metrics["val_importance_mae"] = values["importance_abs"] / n
+            scored = values[f"{head}_n"]
+            if not scored:
+                continue  # no validation clip has ground truth for this head
+            metrics[f"val_{head}_top1"] = values[f"{head}_correct"] / scored
+            if k > 5:
+                metrics[f"val_{head}_top5"] = values[f"{head}_top5"] / scored
+        if values.get("action_steps_n"):
+            metrics["val_action_steps_accuracy"] = values["action_steps_correct"] / values["action_steps_n"]
+        for head in ("valence", "importance"):
+            if values.get(f"{head}_n"):
+                metrics[f"val_{head}_mae"] = values[f"{head}_abs"] / values[f"{head}_n"]
         return metrics, report
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -28,6 +28,9 @@ class Plan:
     heads: dict[str, tuple[str, ...]]
     spec: Any
     unlabelled: tuple[str, ...]  # corpus files the manifest does not describe
+    config: TrainConfig  # the job's config, less the tasks the manifest has no labels for
+    dropped_tasks: tuple[str, ...] = ()
+    eval_rows: tuple[VideoRow, ...] = ()  # the official held-out split (test, else val), else validation
 
     @property
     def train_files(self) -> list[str]:
@@ -37,6 +40,10 @@ class Plan:
     def val_files(self) -> list[str]:
         return sorted(self.manifest_file(r) for r in self.val_rows)
 
+    @property
+    def eval_files(self) -> list[str]:
+        return sorted(self.manifest_file(r) for r in self.eval_rows)
+
     def manifest_file(self, row: VideoRow) -> str:
         return flabels.relative_file(row.uri, self.corpus)
 
@@ -44,22 +51,27 @@ class Plan:
 def plan_run(config: TrainConfig) -> Plan:
     """Read the manifest, list and split the corpus, build the model once; raises one-line errors."""
     manifest = flabels.read_manifest(config.labels_uri)
+    config, dropped = labelled_tasks(config, manifest)
     rows = list_video_rows(config.corpus)
     if not rows:
         raise FileNotFoundError(f"corpus {config.corpus}: no video files found")
     by_file = {flabels.relative_file(r.uri, config.corpus): r for r in rows}
     labelled = sorted(f for f in by_file if f in manifest.videos)
     unlabelled = tuple(sorted(f for f in by_file if f not in manifest.videos))
+    # An official split trains on `train` only; validation is carved from it, never from `test`.
+    pool = [f for f in labelled if manifest.videos[f].split in ("train", None)]
+    held_out = [f for f in labelled if manifest.videos[f].split == "test"] or [
+        f for f in labelled if manifest.videos[f].split == "val"
+    ]
     if config.data.max_videos is not None:
-        labelled = labelled[: config.data.max_videos]
-    if len(labelled) < 2:
+        pool = pool[: config.data.max_videos]
+    if len(pool) < 2:
+        where = "training videos (split 'train')" if manifest.has_split else "videos"
         raise ValueError(
-            f"corpus {config.corpus}: {len(labelled)} videos have labels in {config.labels_uri}; need >= 2"
+            f"corpus {config.corpus}: {len(pool)} {where} have labels in {config.labels_uri}; need >= 2"
         )
-    strata = [manifest.videos[f].category for f in labelled]
-    train, val = flabels.split_videos(
-        labelled, strata, config.data.validation_fraction, config.data.split_seed
-    )
+    strata = [manifest.videos[f].category or "" for f in pool]
+    train, val = flabels.split_videos(pool, strata, config.data.validation_fraction, config.data.split_seed)
     if not train or not val:
         raise ValueError(f"data.validation_fraction={config.data.validation_fraction}: leaves an empty split")
     heads = model_heads(config, manifest.labels)
@@ -67,12 +79,49 @@ def plan_run(config: TrainConfig) -> Plan:
     return Plan(
         manifest=manifest,
         corpus=storage.canonical_uri(config.corpus),
-        train_rows=tuple(by_file[f] for f in train),
-        val_rows=tuple(by_file[f] for f in val),
+        train_rows=tuple(_row(by_file[f], manifest.videos[f]) for f in train),
+        val_rows=tuple(_row(by_file[f], manifest.videos[f]) for f in val),
         heads=heads,
         spec=model.spec,
         unlabelled=unlabelled,
+        config=config,
+        dropped_tasks=dropped,
+        eval_rows=tuple(by_file[f] for f in held_out) or tuple(by_file[f] for f in val),
     )
+
+
+def _row(row: VideoRow, video: flabels.VideoLabels) -> VideoRow:
+    """The video's row, its clips drawn inside its labelled window when it has one (Kinetics)."""
+    return replace(row, window_s=video.window) if video.window else row
+
+
+# The head whose labels each task learns from.
+TASK_HEADS = {
+    "category": "category",
+    "action": "action",
+    "action_steps": "action",
+    "sentiment": "sentiment",
+    "valence": "valence",
+    "importance": "importance",
+}
+
+
+def labelled_tasks(config: TrainConfig, manifest: flabels.Manifest) -> tuple[TrainConfig, tuple[str, ...]]:
+    """The config with the tasks the manifest has no labels for turned off, and those tasks' names;
+    valence goes with sentiment (it is its score). No task left is a one-line config error."""
+    weights = config.tasks.weights()
+    dropped = [t for t in weights if TASK_HEADS[t] not in manifest.heads]
+    if "sentiment" in dropped and "valence" in weights and "valence" not in dropped:
+        dropped.append("valence")
+    if len(dropped) == len(weights):
+        raise ConfigError(
+            f"config key 'tasks': none of {sorted(weights)} has labels in {manifest.uri} "
+            f"(it labels {', '.join(manifest.heads)})"
+        )
+    if not dropped:
+        return config, ()
+    tasks = replace(config.tasks, **dict.fromkeys(dropped, 0.0))
+    return replace(config, tasks=tasks), tuple(dropped)
 
 
 def model_heads(config: TrainConfig, labels: flabels.LabelSet) -> dict[str, tuple[str, ...]]:
