@@ -62,6 +62,21 @@ def tagging_clip_config(specs: Sequence[ModelSpec], stride: int | None, decoder:
     )
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """What aggregating a model's predictions needs of its spec: its heads and per-frame heads. Plain data,
+    so that the tasks that aggregate and write do not import torch to unpickle a `ModelSpec` (a second on
+    the tail of every chunk)."""
+
+    name: str
+    heads: dict[str, tuple[str, ...]]
+    step_heads: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> Outputs:
+        return cls(spec.name, {h: tuple(labels) for h, labels in spec.heads.items()}, tuple(spec.step_heads))
+
+
 @dataclass
 class Inference:
     """Clip predictions per video (one VideoClips per model), probe facts, and decode failures."""
@@ -220,7 +235,7 @@ def summarize_video(
     return [summarize(c, m.spec.heads, config) for c, m in zip(video.clips, models, strict=True)]
 
 
-def _output_keys(spec: ModelSpec) -> list[str]:
+def _output_keys(spec: ModelSpec | Outputs) -> list[str]:
     return [*spec.heads, *(f"{h}_steps" for h in spec.step_heads)]
 
 

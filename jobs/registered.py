@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from flows.inference import Outputs
     from jobs.tracking import ModelRef
     from models import ModelSpec
 
@@ -26,7 +27,7 @@ class RegisteredModel:
     name: str
     version: str
     run_id: str | None
-    spec: ModelSpec
+    spec: ModelSpec | Outputs  # Outputs where only the heads travel (the tag job's writers)
     module: Any = field(repr=False, compare=False)
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 from collections.abc import Iterator
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -479,6 +481,27 @@ def test_fused_model_predicts_the_same_and_is_not_saved() -> None:
         save_model(model, io.BytesIO())
     with pytest.raises(ValueError, match=r"call model.eval\(\) first"):
         fuse_for_inference(tiny("c3d_small"))
+
+
+def test_inference_actors_predict_with_the_fused_model() -> None:
+    from flows.predict import ClipPredictor
+
+    model = tiny("cnn_lstm")
+    model.train()
+    with torch.no_grad():
+        model(example_input(model.spec, batch_size=4, seed=5))  # running statistics, as after training
+    model.eval()
+    predictor = ClipPredictor([lambda: copy.deepcopy(model)])
+    (loaded,) = predictor.models
+    assert getattr(loaded, "fused_for_inference", False)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in loaded.modules())
+    assert any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())  # a copy fused
+    clip_len, (height, width) = model.spec.clip_len, model.spec.frame_size
+    frames = np.random.default_rng(0).integers(0, 255, (2, clip_len, height, width, 3), dtype=np.uint8)
+    out = predictor({"frames": frames, "video_id": np.array(["a", "b"])})
+    with torch.inference_mode():
+        expected = torch.softmax(model(model.spec.prepare(frames))["action"], dim=-1).numpy()
+    np.testing.assert_allclose(out["m0.action"], expected, atol=1e-5)
 
 
 # --- sentiment: masking, audio, text ----------------------------------------------------------------------

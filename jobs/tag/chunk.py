@@ -24,7 +24,13 @@ import pyarrow as pa
 
 from flows.aggregate import AggregateConfig, VideoSummary
 from flows.clips import ClipConfig, VideoRow
-from flows.inference import PredictionTimes, predictions_by_video, summarize_video, videos_in_block
+from flows.inference import (
+    Outputs,
+    PredictionTimes,
+    predictions_by_video,
+    summarize_video,
+    videos_in_block,
+)
 from flows.predict import PredictConfig
 from flows.side_outputs import PARTIAL_SCHEMA, read_errors
 from flows.table_files import DataFile, write_files
@@ -38,8 +44,8 @@ WRITTEN = pa.schema([("files", pa.string()), ("stats", pa.string())])
 
 @dataclass(frozen=True)
 class ChunkContext:
-    """What a chunk's writers need: the plan (an object-store reference), the models without their weights,
-    and where to write."""
+    """What a chunk's writers need: the plan (an object-store reference), the models without their weights
+    (their specs as `Outputs`), and where to write."""
 
     plan: Any  # ray.ObjectRef[ChunkPlan]
     models: list[RegisteredModel]
@@ -93,10 +99,10 @@ def tag_chunk(
     wall-clock time inference started at."""
     import ray
 
+    writers_models = [replace(m, module=None, spec=Outputs.of(m.spec)) for m in models]
     context = ChunkContext(
-        ray.put(plan), [replace(m, module=None) for m in models], aggregate, tables_uri, job_run_id, run_date,
-        errors_uri, partial_uri,
-    )  # fmt: skip
+        ray.put(plan), writers_models, aggregate, tables_uri, job_run_id, run_date, errors_uri, partial_uri
+    )
     cpus = int(ray.cluster_resources().get("CPU", 1))
     writers = max(1, min(math.ceil(len(plan.videos) / VIDEOS_PER_WRITER), cpus))
     started = time.time()
