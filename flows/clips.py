@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 SAMPLINGS = ("uniform", "sliding", "random")
 DECODERS = ("auto", "decord", "pyav")
-_WINDOW_EDGE_S = 1e-6  # a frame at a window's end, up to rounding of its stored time, is inside
 # Clip-row column → (VideoInfo field, Arrow type), carried when ClipConfig.video_info is set.
 VIDEO_INFO_COLUMNS = {
     "duration_s": ("duration_s", pa.float64()),
@@ -228,9 +227,16 @@ def decode_video(path: str, video_key: str, config: ClipConfig, sidecar_cues: li
         raise VideoError("probe", "NoFrames", f"{path}: no video frames (n_frames={info.n_frames})")
     n_frames = info.n_frames
     if config.window_s is not None:
-        times, skipped, why = _window_times(times, info, config.window_s)
-        first, n_frames = first + skipped, len(times)
-        losses += [why] if why else []
+        times = times if times is not None else np.arange(n_frames) / info.fps
+        span = sampling.window_frames(times, config.window_s)
+        if span is None:
+            start, end = config.window_s
+            losses.append(
+                f"the labelled window {start:g}-{end:g} s holds no frame; clips from the whole video"
+            )
+        else:
+            times, first = times[span[0] : span[1]], first + span[0]
+        n_frames = len(times)
     plans = sampling.shifted(config.plan(n_frames, info.fps, video_key, times), first)
     out_frames = sampling.grid_frames(n_frames, info.fps, config.target_fps, times=times)
     if out_frames < config.clip_len:
@@ -263,23 +269,6 @@ def decode_video(path: str, video_key: str, config: ClipConfig, sidecar_cues: li
     if missing:
         losses.append(f"{missing} of {assembly.planned_frames} planned frames did not decode")
     yield _VideoDone(info, assembly.planned_frames, assembly.decoded_frames, n_clips, losses)
-
-
-def _window_times(
-    times: np.ndarray | None, info: VideoInfo, window_s: tuple[float, float]
-) -> tuple[np.ndarray, int, str | None]:
-    """(the times of the frames inside the window, how many frames precede it, why the whole video is
-    planned instead: the window misses every frame)."""
-    seconds = times if times is not None else np.arange(info.n_frames) / info.fps
-    start, end = window_s
-    inside = np.flatnonzero((seconds >= start - _WINDOW_EDGE_S) & (seconds <= end + _WINDOW_EDGE_S))
-    if not inside.size:
-        return (
-            seconds,
-            0,
-            f"the labelled window {start:g}-{end:g} s holds no frame; clips from the whole video",
-        )
-    return seconds[inside[0] : inside[-1] + 1], int(inside[0]), None
 
 
 def _audio_span(track: np.ndarray | None, start_s: float, n_samples: int, rate: int) -> np.ndarray:

@@ -175,15 +175,7 @@ class Manifest:
 
 def read_manifest(uri: str) -> Manifest:
     """Read and check a labels manifest; errors are one line naming the file and the column or row."""
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"labels {uri}: not found")
-    # Through pyarrow's filesystem: reading a Python file object here leaves a pyarrow I/O thread that
-    # aborts the interpreter at exit once torch is loaded.
-    fs, path = storage.arrow_filesystem(uri)
-    try:
-        table = pq.read_table(path, filesystem=fs)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise ValueError(f"labels {uri}: not a Parquet file ({' '.join(str(err).split())[:200]})") from None
+    table = read_parquet(uri, "labels")
     if "file" not in table.column_names:
         raise ValueError(f"labels {uri}: missing column 'file' (has {table.column_names})")
     columns = tuple(c for c in MANIFEST_COLUMNS if c in table.column_names and c != "file")
@@ -202,6 +194,20 @@ def read_manifest(uri: str) -> Manifest:
     return Manifest(
         storage.canonical_uri(uri), videos, label_set(videos.values(), _declared(table), columns), columns
     )
+
+
+def read_parquet(uri: str, what: str) -> pa.Table:
+    """A whole Parquet file (local or s3://); a missing or unreadable one is a one-line error naming
+    `what` it is and its URI."""
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{what} {uri}: not found")
+    # Through pyarrow's filesystem: reading a Python file object here leaves a pyarrow I/O thread that
+    # aborts the interpreter at exit once torch is loaded.
+    fs, path = storage.arrow_filesystem(uri)
+    try:
+        return pq.read_table(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"{what} {uri}: not a Parquet file ({' '.join(str(err).split())[:200]})") from None
 
 
 def _video_labels(uri: str, i: int, row: dict[str, Any]) -> VideoLabels:

@@ -3,7 +3,8 @@
 The planners are pure functions from (frame count, fps, spec) to `ClipPlan`s, after PyTorchVideo's clip
 samplers: `uniform_clips` (a constant number of evenly spaced clips), `center_clip`, `sliding_windows`
 (a stride, covering the whole video) and `random_clips` (seeded, for training). They keep no state:
-the same arguments always give the same plans.
+the same arguments always give the same plans. `window_frames` finds the frames inside a labelled window
+(Kinetics' time_start-time_end), over which a video is then planned.
 
 Every planner first lays an output frame grid at `target_fps` (default: the video's own rate) over the
 source frames, so a 60 fps video planned at 15 fps takes every 4th source frame; a clip is `clip_len`
@@ -130,6 +131,15 @@ def random_clips(
     else:
         starts = rng.integers(0, grid.n_starts, size=num_clips)
     return grid.plans(sorted(int(s) for s in starts))
+
+
+def window_frames(times: Sequence[float], window_s: tuple[float, float]) -> tuple[int, int] | None:
+    """(first, stop) indices of the frames whose times lie in the (start, end) window, up to rounding of
+    stored times; None when no frame does. Planning over `times[first:stop]` draws clips inside it."""
+    seconds = np.asarray(times, dtype=np.float64)
+    start, end = window_s
+    inside = np.flatnonzero((seconds >= start - _EPS) & (seconds <= end + _EPS))
+    return (int(inside[0]), int(inside[-1]) + 1) if inside.size else None
 
 
 def video_seed(seed: int, key: str) -> int:

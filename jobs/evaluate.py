@@ -175,7 +175,6 @@ def _classification(
     a true label the head lacks is a miss."""
     index = {name: i for i, name in enumerate(names)}
     unknown = len(names)  # a true class outside the head: one more class, never predicted
-
     target = np.array([index.get(t.category, unknown) for t in truth.values()])
     predicted = np.array(["category" in summaries[f].classes for f in truth])
     scored = (target < unknown) & predicted

@@ -13,12 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from flows import annotations as fa
 from flows import storage
-from flows.labels import LABEL_COLUMNS, LABELS_FILE, SPLITS, relative_file, write_manifest
+from flows.labels import LABEL_COLUMNS, LABELS_FILE, SPLITS, read_parquet, relative_file, write_manifest
 from jobs.runtime import console
 
 EXAMPLES = 3  # names shown in a summary line
@@ -90,7 +87,7 @@ def _read_source(config: ImportLabelsConfig, files: Sequence[str]) -> fa.Annotat
     if config.format == "ucf101":
         return _read_ucf101(src, config.split or 1)
     if config.format == "table" and src.lower().endswith((".parquet", ".pq")):
-        table = _read_parquet(src)
+        table = read_parquet(src, "table")
         return fa.parse_table_rows(table.to_pylist(), table.column_names, name)
     if config.format == "table" and not src.lower().endswith(".csv"):
         raise ValueError(f"table {src}: expected a .csv or .parquet file")
@@ -116,16 +113,6 @@ def _read_text(uri: str, format: str) -> str:
         return storage.read_bytes(uri).decode("utf-8-sig")  # -sig: spreadsheets save CSV with a BOM
     except UnicodeDecodeError as err:
         raise ValueError(f"{format} {uri}: expected UTF-8 text ({err.reason} at byte {err.start})") from None
-
-
-def _read_parquet(uri: str) -> pa.Table:
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"table {uri}: not found")
-    fs, path = storage.arrow_filesystem(uri)
-    try:
-        return pq.read_table(path, filesystem=fs)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise ValueError(f"table {uri}: not a Parquet file ({' '.join(str(err).split())[:200]})") from None
 
 
 # --- TVSum's frame rates ------------------------------------------------------------------------------

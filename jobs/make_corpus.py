@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from flows import storage
+from flows.labels import ACTION_TYPE, HIGHLIGHT_TYPE
 
 CATEGORIES = ("ball_sports", "traffic", "nature", "cooking", "music")
 SENTIMENTS = ("negative", "neutral", "positive")
@@ -600,10 +601,6 @@ def broken_bytes(config: CorpusConfig, k: int) -> tuple[str, str, bytes]:
     return kind, ".mp4", valid_mp4(with_video=False)  # audio_only: no video stream at all
 
 
-ACTION_TYPE = pa.list_(
-    pa.struct([("label", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64())])
-)
-HIGHLIGHT_TYPE = pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64())]))
 LABELS_SCHEMA = pa.schema([
     ("file", pa.string()),
     ("category", pa.string()),

@@ -383,3 +383,11 @@ def test_planning_over_times_without_a_target_rate_takes_consecutive_frames() ->
 def test_bad_times_are_refused(times, message) -> None:
     with pytest.raises(ValueError, match=message):
         sampling.uniform_clips(3, 30.0, 2, 1, times=times)
+
+
+def test_window_frames_are_the_frames_inside_a_labelled_window() -> None:
+    times = np.arange(30) / 10.0  # 3 s at 10 fps
+    assert sampling.window_frames(times, (1.0, 2.0)) == (10, 21)  # both ends inside, rounding forgiven
+    assert sampling.window_frames(times + 1e-9, (1.0, 2.0)) == (10, 21)
+    assert sampling.window_frames(times, (1.05, 1.15)) == (11, 12)
+    assert sampling.window_frames(times, (5.0, 9.0)) is None  # past the video: no frame
