@@ -5,7 +5,9 @@ models' own forward pass. Every model is built at its spec and warmed up; then `
 forward pass of one batch of each model under `torch.inference_mode`, and the median pass counts. FLOPs per
 clip are counted once with PyTorch's FLOP counter (convolutions, matmuls), so achieved GFLOP/s shows how
 close to the machine each model runs. C3D models can also be timed with contiguous (channels-first)
-tensors, the peer their channels_last_3d default is against.
+tensors, the peer their channels_last_3d default is against. The ViT-B video transformers (VideoMAE,
+TimeSformer; random init at their base size) take seconds per clip on a CPU: they run smaller batches and
+fewer passes (`HEAVY_MODELS`), which the table's note says.
 """
 
 from __future__ import annotations
@@ -28,8 +30,20 @@ from jobs.benchmarks import BENCHMARKS_FILE, machine_line
 from jobs.runtime import console
 from models import MODELS, build, fuse_for_inference
 from models.spec import example_input
+from models.video_transformer import TIMESFORMER_BASE, VIDEOMAE_BASE
 
-DEFAULT_MODELS = ("c3d", "c3d_small", "cnn_lstm", "graph", "summarizer", "sentiment")
+DEFAULT_MODELS = (
+    "c3d", "c3d_small", "cnn_lstm", "graph", "summarizer", "sentiment", "videomae", "timesformer",
+)  # fmt: skip
+# Builder arguments of the models that need more than their name: the transformers at their base size.
+MODEL_KWARGS: dict[str, dict[str, Any]] = {
+    "videomae": {"config": VIDEOMAE_BASE},
+    "timesformer": {"config": TIMESFORMER_BASE},
+}
+# Models too slow on a CPU for the full protocol: (most timed passes, largest batch). On 2 cores VideoMAE-B
+# (16×224×224) takes ~4–7 s a clip and TimeSformer-B (8×224×224, divided attention) ~15–30 s; with the
+# defaults they alone would take half an hour. Their FLOP-counting pass is their warm-up.
+HEAVY_MODELS: dict[str, tuple[int, int]] = {"videomae": (3, 2), "timesformer": (2, 1)}
 SECTION = "## Models (`reelflow bench models`)"
 SUMMARIZER_STEPS = 64  # clip embeddings per sequence: a 1-minute video at one clip per second
 
@@ -87,10 +101,11 @@ def main(config: BenchModelsConfig) -> list[dict[str, Any]]:
         # one pass of every model instead of all passes of one model.
         with torch.inference_mode():
             for subject in subjects:
-                subject.warm_up(config.warmup)
+                subject.warm_up(subject.warmup)
             for _ in range(config.iterations):
                 for subject in subjects:
-                    subject.time_one_pass()
+                    if len(subject.times) < subject.iterations:
+                        subject.time_one_pass()
         threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(threads_before)
@@ -118,18 +133,27 @@ class Subject:
     model: torch.nn.Module
     inputs: Any
     clips_per_batch: int
+    batch_size: int
+    iterations: int  # timed passes
+    warmup: int
     flops: int = 0
     times: list[float] = field(default_factory=list)
 
     @classmethod
     def build(cls, name: str, config: BenchModelsConfig, channels_last: bool = True) -> Subject:
-        model = build(name, **({} if channels_last else {"channels_last": False})).eval()
+        kwargs = {**MODEL_KWARGS.get(name, {}), **({} if channels_last else {"channels_last": False})}
+        model = build(name, **kwargs).eval()
         if config.fuse:
             fuse_for_inference(model)
-        inputs = example_input(model.spec, config.batch_size, steps=SUMMARIZER_STEPS)
+        iterations, batch_size, warmup = config.iterations, config.batch_size, config.warmup
+        if name in HEAVY_MODELS:
+            most_passes, largest_batch = HEAVY_MODELS[name]
+            iterations, batch_size, warmup = min(iterations, most_passes), min(batch_size, largest_batch), 0
+        inputs = example_input(model.spec, batch_size, steps=SUMMARIZER_STEPS)
         # The summarizer scores a sequence of clip embeddings: count each step as one clip.
-        clips = config.batch_size * (SUMMARIZER_STEPS if name == "summarizer" else 1)
-        return cls(name if channels_last else f"{name} (contiguous)", model, inputs, clips)
+        clips = batch_size * (SUMMARIZER_STEPS if name == "summarizer" else 1)
+        label = name if channels_last else f"{name} (contiguous)"
+        return cls(label, model, inputs, clips, batch_size, iterations, warmup)
 
     def warm_up(self, passes: int) -> None:
         for _ in range(passes):
@@ -153,7 +177,8 @@ class Subject:
             "input": _describe_input(self.model.spec),
             "params_m": sum(p.numel() for p in self.model.parameters()) / 1e6,
             "gflop_per_clip": gflop_per_clip,
-            "batch_size": config.batch_size,
+            "batch_size": self.batch_size,
+            "passes": len(self.times),
             "ms_per_batch": 1000 * seconds,
             "clips_per_s": clips_per_s,
             "gflop_per_s": gflop_per_clip * clips_per_s,
@@ -181,7 +206,12 @@ COLUMNS = (
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
-    return fmt.format(row[key]) if key in row else ""
+    if key not in row:
+        return ""
+    value = row[key]
+    if fmt == "{:.1f}" and 0 < value < 1:
+        return f"{value:.2g}"  # a ViT-B's clips/s on a CPU: one decimal would round 0.05 to 0.1
+    return fmt.format(value)
 
 
 def format_table(
@@ -201,6 +231,17 @@ def format_table(
         f"clips are the steps of {SUMMARIZER_STEPS}-step sequences; sentiment reads video, audio and text. "
         f"1-minute load average {load[0]:.1f} before, {load[1]:.1f} after."
     )
+    lighter = [
+        f"{r['model']} batch {r['batch_size']}, median of {r['passes']}"
+        for r in rows
+        if (r["batch_size"], r["passes"]) != (config.batch_size, config.iterations)
+    ]
+    if lighter:
+        note += (
+            f" Too slow for that on a CPU, with their FLOP-counting pass as warm-up: {'; '.join(lighter)}. "
+            "The transformers' GFLOP/clip leaves out attention run by PyTorch's fused CPU kernel "
+            "(VideoMAE's; TimeSformer's is counted)."
+        )
     return note + "\n\n" + "\n".join(lines)
 
 

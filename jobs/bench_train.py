@@ -29,6 +29,7 @@ from jobs.config import load_config
 from jobs.runtime import console, init_ray
 from jobs.train import loop as train_loop
 from jobs.train import plan as train_plan
+from jobs.train.batches import collate
 from jobs.train.config import TrainConfig
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -133,7 +134,7 @@ def _numpy_batches(clips: dict[str, np.ndarray], batch_size: int, seed: int) -> 
     order = np.random.default_rng(seed).permutation(len(clips["frames"]))
     for start in range(0, len(order) - batch_size + 1, batch_size):  # drop_last, as in training
         index = np.sort(order[start : start + batch_size])
-        yield train_loop.collate({k: v[index] for k, v in clips.items()})
+        yield collate({k: v[index] for k, v in clips.items()})
 
 
 def measure_plain(
@@ -189,7 +190,7 @@ def _ray_loop(loop: dict[str, Any]) -> dict[str, float]:
     for epoch in range(config.warmup_epochs + config.epochs):
         batches = shard.iter_torch_batches(
             batch_size=job.data.batch_size,
-            collate_fn=train_loop.collate,
+            collate_fn=collate,
             local_shuffle_buffer_size=job.data.shuffle_buffer or None,
             local_shuffle_seed=epoch * 100 + rank,
             drop_last=True,

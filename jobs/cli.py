@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 Command = Callable[[argparse.Namespace], int]
 EXIT_TEMPORARY = 75  # sysexits' EX_TEMPFAIL: try again later (an error with `temporary = True`)
+TRUST_PICKLE_HELP = "load versions an older reelflow pickled (runs their code; see `reelflow models convert`)"
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -216,6 +217,7 @@ def _tag(args: argparse.Namespace) -> int:
         retry_errors=args.retry_errors,
         max_videos=args.max_videos,
         commit_minutes=args.commit_minutes,
+        trust_pickle=args.trust_pickle,
         **lease,
     )
     summary = tag.main(config)
@@ -240,9 +242,20 @@ def _tables(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from jobs import evaluate
 
-    config = evaluate.EvaluateConfig(args.model, args.corpus, args.labels, args.tracking_uri, args.split)
+    config = evaluate.EvaluateConfig(
+        args.model, args.corpus, args.labels, args.tracking_uri, args.split, trust_pickle=args.trust_pickle
+    )
     metrics = evaluate.main(config)
     evaluate.print_metrics(metrics)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from jobs import tracking
+    from jobs.registered import DEFAULT_MLFLOW_DIR
+
+    uri = tracking.tracking_uri(args.tracking_uri, DEFAULT_MLFLOW_DIR)
+    print(tracking.convert_model(args.model, tracking_uri=uri))
     return 0
 
 
@@ -369,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         "adds GPU nodes), false",
     )  # fmt: skip
     p.add_argument("--strict", action="store_true", help="exit 1 when any video failed")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
     p.add_argument("--commit-every", type=int, default=10_000, metavar="N", help="videos per committed chunk")
     p.add_argument(
         "--commit-minutes", type=float, metavar="M",
@@ -423,7 +437,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--split", choices=["train", "val", "test", "all"],
                    help="split to score (default: test, else val, if the labels have splits)")  # fmt: skip
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("models", help="operate the registered models")
+    ops = p.add_subparsers(dest="operation", required=True)
+    r = ops.add_parser(
+        "convert", help="re-register a version an older reelflow pickled as safetensors + JSON"
+    )
+    r.add_argument("model", metavar="MODEL_URI", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    r.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    r.set_defaults(func=_models)
 
     p = sub.add_parser("import-labels", help="write a corpus's labels.parquet from a dataset's annotations")
     formats = ("folders", "ucf101", "kinetics", "activitynet", "tvsum", "table")  # flows.annotations.FORMATS

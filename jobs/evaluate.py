@@ -46,6 +46,7 @@ class EvaluateConfig:
     labels: str | None = None
     tracking_uri: str | None = None
     split: str | None = None  # train, val, test or all; default: test, else val, when the labels have splits
+    trust_pickle: bool = False  # load a version an older reelflow pickled (see jobs.tracking.load_model)
     predict: PredictConfig = field(default_factory=PredictConfig)
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
 
@@ -68,7 +69,7 @@ def main(config: EvaluateConfig, videos: Sequence[str] | None = None) -> dict[st
     from jobs.runtime import init_ray
 
     tracking_uri = tracking.tracking_uri(config.tracking_uri, DEFAULT_MLFLOW_DIR)
-    (model,) = resolve_models([config.model], tracking_uri)
+    (model,) = resolve_models([config.model], tracking_uri, config.trust_pickle)
     manifest = flabels.read_manifest(config.labels or storage.join_uri(config.corpus, flabels.LABELS_FILE))
     split = None if videos is not None else config.split or held_out_split(manifest)
     rows = select_videos(config.corpus, manifest, videos, None if split == "all" else split)

@@ -56,13 +56,17 @@ def resolve_versions(uris: Sequence[str], tracking_uri: str) -> list[ModelRef]:
     return refs
 
 
-def load_models(refs: Sequence[ModelRef], tracking_uri: str) -> list[RegisteredModel]:
-    """The pinned versions, each loaded once here, in the driver (for its spec, and to ship to the actors)."""
+def load_models(
+    refs: Sequence[ModelRef], tracking_uri: str, trust_pickle: bool = False
+) -> list[RegisteredModel]:
+    """The pinned versions, each loaded once here, in the driver (for its spec, and to ship to the actors).
+
+    Versions in MLflow's pickle format (older reelflow) load only with `trust_pickle`."""
     from jobs import tracking
 
     out = []
     for ref in refs:
-        module = tracking.load_model(ref.uri, tracking_uri=tracking_uri)[0]
+        module = tracking.load_model(ref.uri, tracking_uri=tracking_uri, trust_pickle=trust_pickle)[0]
         spec = getattr(module, "spec", None)
         if spec is None:
             raise ValueError(f"model {ref.uri}: the loaded module has no spec")
@@ -74,6 +78,8 @@ def load_models(refs: Sequence[ModelRef], tracking_uri: str) -> list[RegisteredM
     return out
 
 
-def resolve_models(uris: Sequence[str], tracking_uri: str) -> list[RegisteredModel]:
+def resolve_models(
+    uris: Sequence[str], tracking_uri: str, trust_pickle: bool = False
+) -> list[RegisteredModel]:
     """Each URI resolved to one registered version, with its spec."""
-    return load_models(resolve_versions(uris, tracking_uri), tracking_uri)
+    return load_models(resolve_versions(uris, tracking_uri), tracking_uri, trust_pickle)

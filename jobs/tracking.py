@@ -5,11 +5,11 @@ Every function takes the tracking URI explicitly (`tracking_uri=None` means MLfl
 `MLFLOW_TRACKING_URI`) and a run id rather than the active run, so the same calls work from the driver,
 from Ray Train's rank-0 worker and from tagging actors, and a restarted job writes into the same run.
 
-A model is logged with `mlflow.pytorch` (the pickled module, so MLflow's own tools can load and serve it)
-and, beside it in the same MLflow model, its spec (`extra_files/spec.json`, also in the MLmodel metadata)
-and a plain `state_dict` (`extra_files/state_dict.pt`). `load_model(uri, build=...)` rebuilds the module
-from the spec and loads the weights with `torch.load(weights_only=True)`: no pickled code runs and the
-registered version survives renamed classes. Without `build` the pickled module is loaded.
+A model is logged as two plain artifacts, registered with `create_model_version`: `model.json` (its spec and
+the recipe that rebuilds it: builder name and arguments) and `model.safetensors` (its weights). Loading
+rebuilds the module and loads the weights: nothing is unpickled, so whoever can write to the registry cannot
+run code on the machines that load from it. Versions an older reelflow logged with MLflow's pickle format
+load only when trusted (`trust_pickle`), and `convert_model` re-registers them in the safe form.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +37,12 @@ if TYPE_CHECKING:
     from torch import nn
 
 RUN_KEY_TAG = "reelflow.run_key"
+MODEL_FILE = "model.json"  # {"format", "spec", "recipe"}: what the model is and how to build it
+WEIGHTS_FILE = "model.safetensors"
+MODEL_FORMAT = "reelflow.mlflow-model/2"
+FORMAT_TAG = "reelflow.format"
+CONVERTED_TAG = "reelflow.converted_from"
+# What older versions (MLflow's pytorch flavor, pickled) hold beside the pickle.
 SPEC_FILE = "spec.json"
 STATE_DICT_FILE = "state_dict.pt"
 SPEC_METADATA = "reelflow_spec"
@@ -229,44 +234,46 @@ def log_model(
     run_id: str,
     tracking_uri: str | None = None,
     artifact_name: str = "model",
+    tags: Mapping[str, str] | None = None,
 ) -> str:
-    """Log `model` with `mlflow.pytorch` into run `run_id`, with its spec, and register it.
+    """Log `model`'s weights (safetensors) and spec + recipe (JSON) into run `run_id`, and register them.
 
-    The new version of `registered_name` gets `alias` (moved from any older version). `spec` is a
+    The new version of `registered_name` gets `alias` (moved from any older version) and `tags`. `spec` is a
     dataclass or a mapping of JSON values. Returns `models:/NAME/VERSION`.
     """
-    import mlflow.pytorch
-    import torch
+    from safetensors.torch import save_file
 
     module = _unwrap(model)
-    spec_dict = spec_to_dict(spec)
     client = _client(tracking_uri)
-    experiment = client.get_run(run_id).info.experiment_id
-    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    with tempfile.TemporaryDirectory() as tmp, _process_tracking_uri(client.tracking_uri):
-        spec_path, state_path = Path(tmp, SPEC_FILE), Path(tmp, STATE_DICT_FILE)
-        spec_path.write_text(json.dumps(spec_dict, indent=2, sort_keys=True))
-        torch.save(state, state_path)
-        # Created here, in the run's experiment: left to itself MLflow would file the model under the
-        # process's current experiment, whatever the run's.
-        logged = client.create_logged_model(
-            experiment_id=experiment, source_run_id=run_id, name=artifact_name
-        )
-        info = mlflow.pytorch.log_model(
-            module,
-            name=artifact_name,
-            model_id=logged.model_id,
-            run_id=run_id,
-            serialization_format="pickle",
-            # Pinned here rather than inferred: inference re-imports the model in a subprocess (seconds).
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", _pin("cloudpickle")],
-            extra_files=[str(spec_path), str(state_path)],
-            metadata={SPEC_METADATA: spec_dict, "reelflow_spec_type": _qualname(spec)},
-            registered_model_name=registered_name,
-        )
-    version = str(info.registered_model_version)
+    run = client.get_run(run_id)
+    description = {"format": MODEL_FORMAT, "spec": spec_to_dict(spec), "recipe": _recipe(module)}
+    # Copies: safetensors refuses tensors that share memory (tied weights), and wants them contiguous.
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+    # A version's files are never overwritten: a second model logged into the run gets "model-2".
+    taken = {a.path for a in client.list_artifacts(run_id)}
+    artifact_name = next(
+        n for n in (artifact_name, *(f"{artifact_name}-{i}" for i in range(2, 10**6))) if n not in taken
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp, artifact_name)
+        folder.mkdir()
+        (folder / MODEL_FILE).write_text(json.dumps(description, indent=1, sort_keys=True))
+        save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": MODEL_FORMAT})
+        client.log_artifacts(run_id, str(folder), artifact_name)
+    try:
+        client.create_registered_model(registered_name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # Registered as plain artifacts, not an MLflow flavor: a flavor would pickle the module again.
+    version = client.create_model_version(
+        registered_name,
+        f"{run.info.artifact_uri.rstrip('/')}/{artifact_name}",
+        run_id=run_id,
+        tags={FORMAT_TAG: MODEL_FORMAT, **(tags or {})},
+    ).version
     if alias:
-        client.set_registered_model_alias(registered_name, alias, version)
+        client.set_registered_model_alias(registered_name, alias, str(version))
     return f"models:/{registered_name}/{version}"
 
 
@@ -276,17 +283,15 @@ def load_model(
     build: Callable[[dict[str, Any]], nn.Module] | None = None,
     tracking_uri: str | None = None,
     map_location: str = "cpu",
+    trust_pickle: bool = False,
 ) -> tuple[nn.Module, dict[str, Any], ModelRef]:
     """Load a registered model by `models:/NAME/VERSION` or `models:/NAME@ALIAS`, in eval mode.
 
-    With `build` (spec dict → fresh module) the weights are loaded into `build(spec)` without unpickling
-    code; without it the pickled `mlflow.pytorch` module is loaded. An alias is resolved once, so the
-    module, spec and `ModelRef` always describe the same version. Needs no active run.
+    The module is rebuilt from its recipe (a reelflow model) or by `build(spec)`, and its safetensors weights
+    loaded into it: nothing is unpickled. A version logged by an older reelflow (MLflow's pickle format) is
+    refused unless `trust_pickle`; `convert_model` re-registers it in the safe form. An alias is resolved
+    once, so the module, spec and `ModelRef` always describe the same version. Needs no active run.
     """
-    import mlflow.pytorch
-    import torch
-    from mlflow.models import Model
-
     name, version, alias = parse_model_uri(model_uri)
     client = _client(tracking_uri)
     try:
@@ -306,31 +311,121 @@ def load_model(
         # Through the version's own artifact location: MLflow resolves a `models:/` URI against the
         # process-wide registry, whatever registry it is given.
         source = client.get_model_version_download_uri(name, str(ref.version))
-        if build is not None:  # the spec and the state_dict are all it needs, not the pickled copy
-            source = f"{source.rstrip('/')}/extra_files"
         local = Path(
             mlflow.artifacts.download_artifacts(
                 artifact_uri=source, dst_path=tmp, tracking_uri=client.tracking_uri
             )
         )
-        extra = local if build is not None else local / "extra_files"
-        spec_file = extra / SPEC_FILE
-        if spec_file.exists():
-            spec = json.loads(spec_file.read_text())
+        if (local / MODEL_FILE).exists():
+            module, spec = _load_safe(local, ref.uri, build, map_location)
+        elif (local / "MLmodel").exists():
+            module, spec = _load_pickled(local, ref.uri, build, map_location, trust_pickle)
         else:
-            spec = (Model.load(str(local)).metadata or {}).get(SPEC_METADATA) if build is None else None
-        if spec is None:
-            raise ValueError(
-                f"model {model_uri}: has no reelflow spec (not logged by jobs.tracking.log_model)"
-            )
-        if build is not None:
-            module = build(spec)
-            weights = torch.load(extra / STATE_DICT_FILE, map_location=map_location, weights_only=True)
-            module.load_state_dict(weights)
-            module.eval()
-        else:
-            module = mlflow.pytorch.load_model(str(local), map_location=map_location)
-    return module, spec, ref
+            raise ValueError(f"model {ref.uri}: its artifacts hold no {MODEL_FILE} (not a reelflow model)")
+    return module.eval(), spec, ref
+
+
+def _load_safe(
+    folder: Path, where: str, build: Callable[[dict[str, Any]], nn.Module] | None, map_location: str
+) -> tuple[nn.Module, dict[str, Any]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from models.registry import from_recipe, load_weights
+
+    description = json.loads((folder / MODEL_FILE).read_text())
+    if description.get("format") != MODEL_FORMAT:
+        raise ValueError(f"model {where}: {MODEL_FILE} has format {description.get('format')!r}, "
+                         f"this reelflow reads {MODEL_FORMAT}")  # fmt: skip
+    spec = description["spec"]
+    if build is not None:
+        module = build(spec)
+    elif description.get("recipe"):
+        module = from_recipe(description["recipe"], f"model {where}")
+    else:
+        raise ValueError(f"model {where}: was not made by models.build, so it needs a builder to load")
+    try:
+        weights = load_file(str(folder / WEIGHTS_FILE), device=map_location)
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"model {where}: cannot read {WEIGHTS_FILE}: {err}") from None
+    load_weights(module, weights, f"model {where}")
+    return module, spec
+
+
+def _load_pickled(
+    folder: Path,
+    where: str,
+    build: Callable[[dict[str, Any]], nn.Module] | None,
+    map_location: str,
+    trust_pickle: bool,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A version an older reelflow logged with `mlflow.pytorch`; its state_dict copy loads without pickle
+    when a `build` is given, the module itself only when trusted."""
+    import torch
+    from mlflow.models import Model
+
+    spec_file = folder / "extra_files" / SPEC_FILE
+    spec = (
+        json.loads(spec_file.read_text())
+        if spec_file.exists()
+        else (Model.load(str(folder)).metadata or {}).get(SPEC_METADATA)
+    )
+    if spec is None:
+        raise ValueError(f"model {where}: has no reelflow spec (not logged by jobs.tracking.log_model)")
+    if build is not None and (folder / "extra_files" / STATE_DICT_FILE).exists():
+        module = build(spec)
+        module.load_state_dict(
+            torch.load(folder / "extra_files" / STATE_DICT_FILE, map_location=map_location, weights_only=True)
+        )
+        return module, spec
+    if not trust_pickle:
+        raise ValueError(
+            f"model {where}: saved as a pickle by an older reelflow, and unpickling runs whatever code the "
+            f"file holds; re-register it once with `reelflow models convert {where}` "
+            "(or pass --trust-pickle if you trust everyone who can write to this registry)"
+        )
+    import mlflow.pytorch
+
+    return mlflow.pytorch.load_model(str(folder), map_location=map_location), spec
+
+
+def convert_model(model_uri: str, *, tracking_uri: str | None = None) -> str:
+    """Re-register a version logged in MLflow's pickle format (older reelflow) in the safe form.
+
+    The old version is unpickled once, here, by the caller's decision; the new version gets its aliases and
+    a `reelflow.converted_from` tag. A version already in the safe form is returned as it is.
+    """
+    client = _client(tracking_uri)
+    module, spec, ref = load_model(model_uri, tracking_uri=tracking_uri, trust_pickle=True)
+    found = client.get_model_version(ref.name, str(ref.version))
+    if found.tags.get(FORMAT_TAG) == MODEL_FORMAT:
+        return ref.uri
+    run_id = ref.run_id or get_or_create_run(
+        "reelflow-convert", f"convert/{ref.name}/{ref.version}", "convert", tracking_uri=tracking_uri
+    )
+    uri = log_model(
+        module,
+        getattr(module, "spec", spec),
+        ref.name,
+        None,
+        run_id=run_id,
+        tracking_uri=tracking_uri,
+        tags={CONVERTED_TAG: str(ref.version)},
+    )
+    new_version = parse_model_uri(uri)[1]
+    for alias in client.get_registered_model(ref.name).aliases or {}:
+        if str(client.get_registered_model(ref.name).aliases[alias]) == str(ref.version):
+            client.set_registered_model_alias(ref.name, alias, new_version)
+    return uri
+
+
+def _recipe(module: nn.Module) -> dict[str, Any] | None:
+    """A reelflow model's recipe (builder, arguments, spec); None for any other module."""
+    from models import Ensemble, model_recipe
+
+    if isinstance(module, Ensemble) or getattr(module, "build_config", None):
+        return model_recipe(module)
+    return None
 
 
 def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
@@ -362,32 +457,6 @@ def _client(uri: str | None) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-@contextmanager
-def _process_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's process-wide tracking and registry URI set to `uri` for the block, then put back.
-
-    `mlflow.pytorch.log_model` and its registration read the store from that global state, not from a
-    client. `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI, so the environment is restored too.
-    """
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved[0])
-        registry_utils._registry_uri = saved[1]
-        for key, value in env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside DDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers."""
     from torch.nn.parallel import DistributedDataParallel
@@ -399,14 +468,3 @@ def _unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def _qualname(obj: Any) -> str:
-    cls = type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _pin(package: str) -> str:
-    from importlib.metadata import version
-
-    return f"{package}=={version(package)}"

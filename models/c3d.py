@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models._api import register_model
 from models.heads import Heads
-from models.spec import KINETICS_MEAN, KINETICS_STD, ModelSpec, resolve_heads
+from models.spec import KINETICS_MEAN, KINETICS_STD, ModelSpec, clip_spec
 
 CONV_NAMES = ("conv1", "conv2", "conv3a", "conv3b", "conv4a", "conv4b", "conv5a", "conv5b")
 # The pool that follows a convolution: (kernel, padding) in (T, H, W).
@@ -149,6 +150,7 @@ def _trunk_out_volume(clip_len: int, frame_size: tuple[int, int]) -> int:
     return dims[0] * dims[1] * dims[2]
 
 
+@register_model("c3d")
 def c3d(
     num_classes: int | None = None,
     heads: Mapping[str, Sequence[str]] | None = None,
@@ -164,18 +166,13 @@ def c3d(
     """The paper's C3D: 16×112×112 input, fc6/fc7 4096; 101 "category" classes unless told otherwise."""
     if heads is None and num_classes is None:
         num_classes = 101
-    spec = ModelSpec(
-        name="c3d",
-        clip_len=clip_len,
-        frame_size=tuple(frame_size),
-        fps=fps,
-        mean=tuple(mean),
-        std=tuple(std),
-        heads=resolve_heads(heads, num_classes, "category"),
+    spec = clip_spec(
+        "c3d", heads, num_classes, clip_len=clip_len, frame_size=frame_size, fps=fps, mean=mean, std=std
     )
     return C3D(spec, FULL_CHANNELS, fc_dim=4096, dropout=dropout, channels_last=channels_last)
 
 
+@register_model("c3d_small")
 def c3d_small(
     num_classes: int | None = None,
     heads: Mapping[str, Sequence[str]] | None = None,
@@ -194,14 +191,8 @@ def c3d_small(
     """A C3D that trains on a laptop CPU in minutes: 64×64 input, narrower convolutions, fc6/fc7 of 512."""
     if heads is None and num_classes is None:
         num_classes = 10
-    spec = ModelSpec(
-        name="c3d_small",
-        clip_len=clip_len,
-        frame_size=tuple(frame_size),
-        fps=fps,
-        mean=tuple(mean),
-        std=tuple(std),
-        heads=resolve_heads(heads, num_classes, "category"),
+    spec = clip_spec(
+        "c3d_small", heads, num_classes, clip_len=clip_len, frame_size=frame_size, fps=fps, mean=mean, std=std
     )
     return C3D(
         spec, channels, fc_dim=fc_dim, dropout=dropout, batch_norm=batch_norm, channels_last=channels_last

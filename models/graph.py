@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models._api import register_model
 from models.heads import Heads
-from models.spec import KINETICS_MEAN, KINETICS_STD, ModelSpec, resolve_heads
+from models.spec import KINETICS_MEAN, KINETICS_STD, ModelSpec, clip_spec
 
 
 def lattice_adjacency(time_steps: int, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,6 +130,7 @@ class SpaceTimeGraph(nn.Module):
         return out
 
 
+@register_model("graph")
 def graph(
     num_classes: int | None = None,
     heads: Mapping[str, Sequence[str]] | None = None,
@@ -146,14 +148,8 @@ def graph(
     dropout: float = 0.3,
 ) -> SpaceTimeGraph:
     """Space-time region graph with a "category" head by default; 4×4 cells × 4 steps = 64 nodes."""
-    spec = ModelSpec(
-        name="graph",
-        clip_len=clip_len,
-        frame_size=tuple(frame_size),
-        fps=fps,
-        mean=tuple(mean),
-        std=tuple(std),
-        heads=resolve_heads(heads, num_classes, "category"),
+    spec = clip_spec(
+        "graph", heads, num_classes, clip_len=clip_len, frame_size=frame_size, fps=fps, mean=mean, std=std
     )
     return SpaceTimeGraph(
         spec, channels, grid=grid, time_steps=time_steps, dim=dim, gcn_layers=gcn_layers, dropout=dropout

@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from models._api import register_model
 from models.heads import Heads
-from models.spec import KINETICS_MEAN, KINETICS_STD, ModelSpec, resolve_heads
+from models.spec import KINETICS_MEAN, KINETICS_STD, ModelSpec, clip_spec, resolve_heads
 
 
 class FrameEncoder(nn.Module):
@@ -122,6 +123,7 @@ class CNNLSTM(nn.Module):
         return out
 
 
+@register_model("cnn_lstm")
 def cnn_lstm(
     num_classes: int | None = None,
     heads: Mapping[str, Sequence[str]] | None = None,
@@ -145,14 +147,14 @@ def cnn_lstm(
     resolved = resolve_heads(heads, num_classes, "action")
     if step_heads is None:
         step_heads = ("action",) if "action" in resolved else ()
-    spec = ModelSpec(
-        name="cnn_lstm",
+    spec = clip_spec(
+        "cnn_lstm",
+        resolved,
         clip_len=clip_len,
-        frame_size=tuple(frame_size),
+        frame_size=frame_size,
         fps=fps,
-        mean=tuple(mean),
-        std=tuple(std),
-        heads=resolved,
+        mean=mean,
+        std=std,
         step_heads=tuple(step_heads),
     )
     return CNNLSTM(

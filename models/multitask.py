@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models._api import build, register_model
 from models.heads import STEPS_SUFFIX, Heads
 from models.spec import SCALAR_HEADS, ModelSpec, resolve_heads
 
@@ -21,6 +22,8 @@ class MultiTask(nn.Module):
     `feature_dim`; its own heads are dropped (unused parameters would break distributed training). Each of
     `step_heads` also gives "<head>_steps" logits when the backbone has per-step features (CNN-LSTM).
     """
+
+    backbone_frozen = False  # see freeze_backbone (a class default: modules pickled before it load too)
 
     def __init__(
         self, backbone: nn.Module, heads: Mapping[str, Sequence[str]], step_heads: Sequence[str] = ()
@@ -40,8 +43,20 @@ class MultiTask(nn.Module):
         )
         self.heads = Heads(self.feature_dim, self.spec.heads, self.spec.step_heads)
 
+    def freeze_backbone(self, frozen: bool = True) -> None:
+        """Train the heads only (linear probing): the backbone runs in eval mode, without gradients."""
+        self.backbone_frozen = frozen
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> MultiTask:
+        super().train(mode)
+        if self.backbone_frozen:  # its normalization statistics and dropout stay as pretrained
+            self.backbone.eval()
+        return self
+
     def encode(self, x: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.backbone.encode(x)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
+            return self.backbone.encode(x)
 
     def features(self, x: Any) -> torch.Tensor:
         """The backbone's clip embedding, [B, D]."""
@@ -56,6 +71,7 @@ class MultiTask(nn.Module):
         return out
 
 
+@register_model("multitask")
 def multitask(
     backbone: str = "c3d_small",
     heads: Mapping[str, Sequence[str]] | None = None,
@@ -67,8 +83,6 @@ def multitask(
 
     step_heads defaults to ("action",) when the backbone has per-step features and an "action" head.
     """
-    from models.registry import build  # the registry imports this module
-
     if not heads:
         raise ValueError("multitask: heads is required, e.g. {'category': [...], 'action': [...]}")
     if backbone in ("multitask", "summarizer"):
@@ -80,7 +94,11 @@ def multitask(
         step_heads = ("action",) if has_steps and "action" in resolved else ()
     if step_heads and not has_steps:
         raise ValueError(f"multitask: {backbone} has no per-step features for step_heads {list(step_heads)}")
-    return MultiTask(model, resolved, step_heads)
+    out = MultiTask(model, resolved, step_heads)
+    # The backbone's own record (a pretrained one's names its architecture, not the files it came from).
+    rebuilt = {k: v for k, v in model.build_config["kwargs"].items() if k != "heads"}
+    out.rebuild_kwargs = {"backbone": backbone, "heads": resolved, "step_heads": list(step_heads), **rebuilt}
+    return out
 
 
 class Ensemble(nn.Module):

@@ -3,89 +3,55 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import IO, Any
 
 import torch
 from torch import nn
 
-from models.c3d import c3d, c3d_small
-from models.graph import graph
-from models.lstm import cnn_lstm
-from models.multitask import Ensemble, multitask
-from models.sentiment import sentiment
+from models._api import MODELS, build
+from models.multitask import Ensemble
 from models.spec import ModelSpec
-from models.summarizer import summarizer
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "c3d": c3d,
-    "c3d_small": c3d_small,
-    "cnn_lstm": cnn_lstm,
-    "graph": graph,
-    "summarizer": summarizer,
-    "sentiment": sentiment,
-    "multitask": multitask,
-}
+__all__ = ["MODELS", "build", "from_recipe", "load_model", "load_weights", "model_recipe", "save_model"]
 CHECKPOINT_FORMAT = "reelflow.model/1"
-
-
-def build(name: str, **kwargs: Any) -> nn.Module:
-    """The model `name` built with `kwargs` (see each builder), kept so `save_model` can rebuild it."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
-    plain = _plain_kwargs(name, kwargs)
-    model = MODELS[name](**kwargs)
-    model.build_config = {"name": name, "kwargs": plain}
-    return model
-
-
-def _plain_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """kwargs as JSON-like values (tuples become lists): what a weights_only checkpoint can hold."""
-    out = {}
-    for key, value in kwargs.items():
-        try:
-            out[key] = json.loads(json.dumps(value, default=_scalar))
-        except (TypeError, ValueError) as e:
-            raise ValueError(
-                f"build({name!r}): argument {key}={value!r} must be numbers, strings, lists or dicts"
-            ) from e
-    return out
-
-
-def _scalar(value: Any) -> Any:
-    if hasattr(value, "item"):  # numpy and torch scalars from configs
-        return value.item()
-    raise TypeError(type(value).__name__)
 
 
 def save_model(model: nn.Module, f: str | os.PathLike | IO[bytes]) -> None:
     """Write the model's spec, builder arguments and weights (an Ensemble: each member's) to a path/file."""
-    torch.save(_payload(model), f)
+    torch.save(_payload(model, with_weights=True), f)
 
 
-def _payload(model: nn.Module) -> dict[str, Any]:
+def model_recipe(model: nn.Module) -> dict[str, Any]:
+    """How to build the model again without its weights: builder, arguments and spec (an Ensemble: its
+    members' recipes and weights), as JSON values. `from_recipe` is its inverse."""
+    return _payload(model, with_weights=False)
+
+
+def _payload(model: nn.Module, with_weights: bool) -> dict[str, Any]:
     if isinstance(model, Ensemble):
         return {
             "format": CHECKPOINT_FORMAT,
             "spec": model.spec.to_dict(),
             "weights": list(model.weights),
-            "ensemble": [_payload(m) for m in model.members],
+            "ensemble": [_payload(m, with_weights) for m in model.members],
         }
     if getattr(model, "fused_for_inference", False):
         raise ValueError("save_model: this model was fused for inference; save the model before fusing it")
     config = getattr(model, "build_config", None)
     if config is None:
         raise ValueError(f"save_model: this {type(model).__name__} was not made by models.build(name, ...)")
-    return {
+    out = {
         "format": CHECKPOINT_FORMAT,
         "builder": config["name"],
         "kwargs": config["kwargs"],
         "spec": model.spec.to_dict(),
-        "state_dict": model.state_dict(),
     }
+    if with_weights:
+        out["state_dict"] = model.state_dict()
+    return out
 
 
 def load_model(f: str | os.PathLike | IO[bytes], map_location: str | torch.device = "cpu") -> nn.Module:
@@ -102,9 +68,7 @@ def load_model(f: str | os.PathLike | IO[bytes], map_location: str | torch.devic
         raise ValueError(
             f"{where}: not a model checkpoint of tensors and plain values ({_unpickle_reason(e)})"
         ) from e
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{where}: not a reelflow model checkpoint (expected format {CHECKPOINT_FORMAT})")
-    return _from_payload(payload, where).eval()
+    return from_recipe(payload, where).eval()
 
 
 def _unpickle_reason(error: Exception) -> str:
@@ -114,19 +78,27 @@ def _unpickle_reason(error: Exception) -> str:
     return line.split(" Please use", 1)[0].rstrip(".")
 
 
-def _from_payload(payload: dict[str, Any], where: str) -> nn.Module:
-    if "ensemble" in payload:
-        return Ensemble([_from_payload(p, where) for p in payload["ensemble"]], payload["weights"])
-    spec = ModelSpec.from_dict(payload["spec"])
-    model = build(payload["builder"], **payload["kwargs"])
+def from_recipe(recipe: dict[str, Any], where: str = "model") -> nn.Module:
+    """The model `model_recipe` (or `save_model`, weights included) describes, built from MODELS."""
+    if not isinstance(recipe, dict) or recipe.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{where}: not a reelflow model checkpoint (expected format {CHECKPOINT_FORMAT})")
+    if "ensemble" in recipe:
+        return Ensemble([from_recipe(p, where) for p in recipe["ensemble"]], recipe["weights"])
+    spec = ModelSpec.from_dict(recipe["spec"])
+    model = build(recipe["builder"], **recipe["kwargs"])
     if (model.spec.heads, model.spec.step_heads) != (spec.heads, spec.step_heads):
-        raise ValueError(f"{where}: the saved spec's heads do not match what {payload['builder']!r} builds")
+        raise ValueError(f"{where}: the saved spec's heads do not match what {recipe['builder']!r} builds")
     # The saved spec wins: fields changed after building (fps, normalization) must survive the round trip.
     model.spec = spec
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as e:
-        raise ValueError(
-            f"{where}: weights do not fit {payload['builder']!r}: {' '.join(str(e).split())}"
-        ) from e
+    if "state_dict" in recipe:
+        load_weights(model, recipe["state_dict"], where)
     return model
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], where: str = "model") -> None:
+    """`model.load_state_dict(state_dict)`, a one-line ValueError naming `where` when they do not fit."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        name = getattr(model, "build_config", {}).get("name", type(model).__name__)
+        raise ValueError(f"{where}: weights do not fit {name!r}: {' '.join(str(e).split())}") from e

@@ -3,13 +3,15 @@ torch, and a small transformer over subtitle/transcript text, fused by attention
 
 A missing modality is masked, never zero-filled: its encoder does not run for that sample and the fusion
 attention cannot see its slot, so whatever the input holds there cannot change the output.
+
+The text branch (`models.text`) hashes words (no vocabulary, nothing to download) unless given a pretrained
+BERT-family encoder with its own tokenizer (`text_pretrained`, a local Hugging Face folder).
 """
 
 from __future__ import annotations
 
 import math
-import re
-import zlib
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -17,39 +19,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from models._api import register_model
+from models._hf import model_folder
 from models.c3d import C3D
 from models.heads import Heads
-from models.spec import KINETICS_MEAN, KINETICS_STD, SENTIMENT_LABELS, ModelSpec, resolve_heads
+from models.spec import KINETICS_MEAN, KINETICS_STD, SENTIMENT_LABELS, ModelSpec, clip_spec
+from models.text import (
+    HashingTokenizer,
+    PretrainedTextEncoder,
+    PretrainedTokenizer,
+    TextEncoder,
+    pretrained_text,
+)
 
 MODALITY_SLOTS = ("video", "audio", "text")
-_WORD = re.compile(r"[\w']+")
-
-
-class HashingTokenizer:
-    """Lower-cased words hashed (CRC-32, stable across processes) into `vocab_size - 1` buckets; 0 is padding.
-
-    Self-contained: no vocabulary file, nothing downloaded, any language. Collisions are rare at the default
-    8192 buckets for subtitle-sized vocabularies, and the embedding learns around them.
-    """
-
-    def __init__(self, vocab_size: int = 8192, max_len: int = 32) -> None:
-        if vocab_size < 2 or max_len < 1:
-            raise ValueError(f"tokenizer: vocab_size={vocab_size} must be >= 2 and max_len={max_len} >= 1")
-        self.vocab_size = vocab_size
-        self.max_len = max_len
-
-    def ids(self, text: str | None) -> list[int]:
-        """Token ids of one text, truncated to max_len; [] for None or text without words."""
-        words = _WORD.findall((text or "").lower())[: self.max_len]
-        return [1 + zlib.crc32(w.encode("utf-8")) % (self.vocab_size - 1) for w in words]
-
-    def __call__(self, texts: Sequence[str | None]) -> torch.Tensor:
-        """Padded token ids [B, L] (L = longest text, at least 1)."""
-        rows = [self.ids(t) for t in texts]
-        out = torch.zeros(len(rows), max([len(r) for r in rows] + [1]), dtype=torch.long)
-        for i, row in enumerate(rows):
-            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        return out
 
 
 def hz_to_mel(hz: torch.Tensor) -> torch.Tensor:
@@ -139,29 +122,6 @@ class AudioEncoder(nn.Module):
         return self.out(self.stages(self.logmel(wave).unsqueeze(1)).mean(dim=(2, 3)))
 
 
-class TextEncoder(nn.Module):
-    """Token ids [B, L] (0 = padding, ≥ 1 token per row) → transformer → masked mean → [B, out_dim]."""
-
-    def __init__(
-        self, vocab_size: int, max_len: int, dim: int, layers: int, out_dim: int, dropout: float
-    ) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
-        self.position = nn.Embedding(max_len, dim)
-        layer = nn.TransformerEncoderLayer(
-            dim, nhead=4, dim_feedforward=2 * dim, dropout=dropout, batch_first=True, norm_first=True
-        )
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.out = nn.Linear(dim, out_dim)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        pad = ids == 0
-        x = self.embed(ids) + self.position(torch.arange(ids.shape[1], device=ids.device))
-        x = self.encoder(x, src_key_padding_mask=pad)
-        keep = (~pad).unsqueeze(-1).to(x.dtype)
-        return self.out((x * keep).sum(dim=1) / keep.sum(dim=1))
-
-
 class SentimentModel(nn.Module):
     """Fuses whichever of video, audio and text each sample has.
 
@@ -169,9 +129,11 @@ class SentimentModel(nn.Module):
       - "video": float [B, 3, T, H, W], clips normalized per the spec, or "visual": float [B, visual_dim], a
         clip embedding computed elsewhere (not both);
       - "audio": float [B, S], mono waveform at spec.audio_rate (S >= 512 at 16 kHz);
-      - "text": a list of B strings (None or "" for none), or token ids long [B, L] from `model.tokenizer`;
+      - "text": a list of B strings (None or "" for none), or token ids long [B, L] from `model.tokenizer`
+        (hashed words, or a pretrained tokenizer's ids with `text_encoder`);
       - "video_present", "audio_present", "text_present": bool [B], True where the sample has that modality.
-    A modality whose key is absent is missing for every sample; a text with no words is missing. Missing
+    A modality whose key is absent is missing for every sample; a text without words (only the tokenizer's
+    special tokens) is missing. Missing
     entries may hold anything. Returns {"sentiment": logits [B, 3], "valence": [B] in [-1, 1]} (+ others).
     """
 
@@ -188,7 +150,9 @@ class SentimentModel(nn.Module):
         text_layers: int = 2,
         dim: int = 128,
         dropout: float = 0.2,
+        text_encoder: tuple[PretrainedTokenizer, PretrainedTextEncoder] | None = None,
     ) -> None:
+        """`text_encoder`: a pretrained text branch (tokenizer, encoder) instead of hashed words."""
         super().__init__()
         if spec.audio_rate is None:
             raise ValueError("sentiment: the spec needs audio_rate")
@@ -202,8 +166,13 @@ class SentimentModel(nn.Module):
         )
         self.visual_dim = visual_dim
         self.audio = AudioEncoder(spec.audio_rate, n_mels, audio_channels, dim)
-        self.tokenizer = HashingTokenizer(text_vocab, text_max_len)
-        self.text = TextEncoder(text_vocab, text_max_len, text_dim, text_layers, dim, dropout)
+        self.tokenizer: HashingTokenizer | PretrainedTokenizer
+        self.text: nn.Module
+        if text_encoder is None:
+            self.tokenizer = HashingTokenizer(text_vocab, text_max_len)
+            self.text = TextEncoder(text_vocab, text_max_len, text_dim, text_layers, dim, dropout)
+        else:
+            self.tokenizer, self.text = text_encoder
         self.visual_proj = nn.Linear(visual_dim, dim)
         self.summary = nn.Parameter(torch.zeros(1, 1, dim))
         self.modality_embed = nn.Parameter(torch.randn(len(MODALITY_SLOTS), dim) * 0.02)
@@ -245,7 +214,8 @@ class SentimentModel(nn.Module):
             data = torch.as_tensor(data, device=device)
             _check_shape(key, data, self)
             if key == "text":
-                present = present & (data != 0).any(dim=1)
+                special = torch.tensor(self.tokenizer.special_ids, device=device)
+                present = present & (~torch.isin(data, special)).any(dim=1)
         out = torch.zeros(batch, self.feature_dim, device=device)
         rows = present.nonzero().squeeze(1)
         if rows.numel() == 0:
@@ -287,7 +257,7 @@ def _check_shape(key: str, data: torch.Tensor, model: SentimentModel) -> None:
         "video": (5, f"[B, 3, {spec.clip_len}, {spec.frame_size[0]}, {spec.frame_size[1]}]"),
         "visual": (2, f"[B, {model.visual_dim}]"),
         "audio": (2, "[B, S]"),
-        "text": (2, f"[B, L <= {model.tokenizer.max_len}] token ids"),
+        "text": (2, f"[B, L <= {model.tokenizer.max_len}] token ids in [0, {model.tokenizer.vocab_size})"),
     }
     ndim, shape = expected[key]
     ok = data.dim() == ndim
@@ -297,6 +267,8 @@ def _check_shape(key: str, data: torch.Tensor, model: SentimentModel) -> None:
         ok = data.shape[1] == model.visual_dim
     elif ok and key == "text":
         ok = not data.is_floating_point() and data.shape[1] <= model.tokenizer.max_len
+        in_vocab = data.numel() == 0 or 0 <= int(data.min()) <= int(data.max()) < model.tokenizer.vocab_size
+        ok = ok and in_vocab
     if not ok:
         raise ValueError(f"sentiment: {key!r} must be {shape}, got {data.dtype} {list(data.shape)}")
 
@@ -329,6 +301,7 @@ def _batch_size(inputs: Mapping[str, Any]) -> int:
     return next(iter(sizes.values()))
 
 
+@register_model("sentiment")
 def sentiment(
     heads: Mapping[str, Sequence[str]] | None = None,
     *,
@@ -348,22 +321,41 @@ def sentiment(
     text_layers: int = 2,
     dim: int = 128,
     dropout: float = 0.2,
+    text_pretrained: str | os.PathLike | None = None,
+    text_config: Mapping[str, Any] | None = None,
+    text_tokenizer: str | None = None,
+    text_source: str | None = None,
 ) -> SentimentModel:
-    """Video + audio + text sentiment: negative / neutral / positive and a valence in [-1, 1]."""
-    spec = ModelSpec(
-        name="sentiment",
+    """Video + audio + text sentiment: negative / neutral / positive and a valence in [-1, 1].
+
+    The text branch hashes words, or with `text_pretrained` (a local folder: config.json, weights,
+    tokenizer.json) runs that BERT-family encoder on its own tokenizer's ids (`text_max_len` of them at most).
+    `text_config` (entries over the folder's config.json) and `text_tokenizer` (a tokenizer.json's content)
+    build the same branch without the folder, randomly initialized: what a saved model rebuilds with.
+    `text_source` records where the folder came from (default: the folder) in the spec.
+    """
+    call = dict(locals())  # the arguments as given: a pretrained text branch rebuilds from them
+    text_encoder = None
+    if text_pretrained is not None or text_config is not None or text_tokenizer is not None:
+        text_encoder, text_config, text_tokenizer = pretrained_text(
+            text_pretrained, text_config, text_tokenizer, text_max_len, dim
+        )
+        if text_source is None and text_pretrained is not None:
+            text_source = str(model_folder(text_pretrained).resolve())
+    spec = clip_spec(
+        "sentiment",
+        heads if heads is not None else {"sentiment": SENTIMENT_LABELS},
+        default_head="sentiment",
         clip_len=clip_len,
-        frame_size=tuple(frame_size),
+        frame_size=frame_size,
         fps=fps,
-        mean=tuple(mean),
-        std=tuple(std),
+        mean=mean,
+        std=std,
         modalities=("video", "audio", "text"),
         audio_rate=audio_rate,
-        heads=resolve_heads(
-            heads if heads is not None else {"sentiment": SENTIMENT_LABELS}, None, "sentiment"
-        ),
+        source=text_source,
     )
-    return SentimentModel(
+    model = SentimentModel(
         spec,
         visual_dim=visual_dim,
         visual_channels=visual_channels,
@@ -375,4 +367,10 @@ def sentiment(
         text_layers=text_layers,
         dim=dim,
         dropout=dropout,
+        text_encoder=text_encoder,
     )
+    if text_encoder is not None:
+        del call["text_pretrained"]
+        call.update(text_config=text_config, text_tokenizer=text_tokenizer, text_source=text_source)
+        model.rebuild_kwargs = call
+    return model

@@ -35,6 +35,8 @@ class ModelSpec:
       "valence" and "importance" have no labels. `step_heads` also output per-timestep logits as
       "<head>_steps" (for action segments). No heads: a backbone whose heads a `MultiTask` supplies.
     - `audio_rate`: sample rate (Hz) of the mono waveform, for models that read audio.
+    - `source`: where pretrained weights came from (a URI or folder), for provenance; None when trained from
+      scratch.
     """
 
     name: str
@@ -48,6 +50,7 @@ class ModelSpec:
     step_heads: tuple[str, ...] = ()
     audio_rate: int | None = None
     feature_dim: int | None = None
+    source: str | None = None
 
     def __post_init__(self) -> None:
         # Normalize sequences (JSON and checkpoints give lists) so that equal specs compare equal.
@@ -197,3 +200,30 @@ def resolve_heads(
     if "sentiment" in out and "valence" not in out:
         out["valence"] = ()
     return out
+
+
+def clip_spec(
+    name: str,
+    heads: Mapping[str, Sequence[str]] | None,
+    num_classes: int | None = None,
+    *,
+    default_head: str = "category",
+    clip_len: int,
+    frame_size: Sequence[int],
+    fps: float,
+    mean: Sequence[float] = KINETICS_MEAN,
+    std: Sequence[float] = KINETICS_STD,
+    **fields: Any,
+) -> ModelSpec:
+    """The spec every clip-model builder makes: its input (frames, size, rate, normalization) and the heads
+    it was asked for (`resolve_heads`); `fields` are the other ModelSpec fields (modalities, step_heads…)."""
+    return ModelSpec(
+        name=name,
+        clip_len=clip_len,
+        frame_size=tuple(frame_size),
+        fps=fps,
+        mean=tuple(mean),
+        std=tuple(std),
+        heads=resolve_heads(heads, num_classes, default_head),
+        **fields,
+    )

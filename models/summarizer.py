@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.spec import KINETICS_MEAN, KINETICS_STD, ModelSpec
+from models._api import register_model
+from models.spec import KINETICS_MEAN, KINETICS_STD, ModelSpec, clip_spec
 
 
 class AttentionSummarizer(nn.Module):
@@ -81,6 +82,7 @@ class AttentionSummarizer(nn.Module):
         return {"importance": importance}
 
 
+@register_model("summarizer")
 def summarizer(
     feature_dim: int = 512,
     *,
@@ -95,15 +97,15 @@ def summarizer(
 ) -> AttentionSummarizer:
     """VASNet over clip embeddings of size `feature_dim` (512: c3d_small's fc7). clip_len, frame_size, fps
     and mean/std describe the clips those embeddings were computed from."""
-    spec = ModelSpec(
-        name="summarizer",
+    spec = clip_spec(
+        "summarizer",
+        {"importance": ()},
         clip_len=clip_len,
-        frame_size=tuple(frame_size),
+        frame_size=frame_size,
         fps=fps,
-        mean=tuple(mean),
-        std=tuple(std),
+        mean=mean,
+        std=std,
         modalities=("features",),
-        heads={"importance": ()},
         feature_dim=feature_dim,
     )
     return AttentionSummarizer(spec, dropout=dropout, scale=scale, aperture=aperture)

@@ -86,7 +86,7 @@ def main(config: TagConfig) -> TagSummary:
                     )
                 summary.skipped = plan.skipped
                 if plan.todo:
-                    models = load_models(refs, tracking_uri)
+                    models = load_models(refs, tracking_uri, config.trust_pickle)
                     tag_in_chunks(plan, models, writer, config, summary, started_at)
             summary.commit_s = writer.commit_seconds
     finally:

@@ -46,6 +46,7 @@ class TagConfig:
     retry_errors: bool = False
     max_videos: int | None = None
     commit_minutes: float | None = None
+    trust_pickle: bool = False  # load versions an older reelflow pickled (see jobs.tracking.load_model)
 
     def __post_init__(self) -> None:
         from jobs.tracking import parse_model_uri

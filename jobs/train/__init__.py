@@ -15,15 +15,16 @@ Reads top to bottom as the job runs:
    GPU): DDP, augmentation, weighted multi-task losses, gradient accumulation, warmup + cosine LR; every
    epoch validates, logs metrics (rank 0 only) and reports a checkpoint. A killed worker restarts the
    group from the last checkpoint (`max_failures`); re-running with the same run name resumes;
-5. the final checkpoint's model is logged with `mlflow.pytorch` and its spec, registered with an alias,
-   evaluated (`jobs.evaluate.evaluate_model`) on the manifest's official `test` split (else `val`, else the
-   validation videos), and its URI printed last.
+5. the final checkpoint's model is logged (safetensors weights, its spec and recipe as JSON) and registered
+   with an alias, evaluated (`jobs.evaluate.evaluate_model`) on the manifest's official `test` split (else
+   `val`, else the validation videos), and its URI printed last.
 
 The manifest may label any subset of the heads: tasks without labels are left out with a warning, videos
 without a head's label add no loss to it, and a `split` column trains on `train` only.
 
 The package: `config` (the typed sections), `plan` (what is checked before Ray starts), `data` (clips and
-their targets, the cache), `loop` (what every Ray Train worker runs); the job itself is here.
+their targets, the cache), `loop` (what every Ray Train worker runs: `batches` makes a batch's inputs, targets
+and losses, `balance` weighs the losses, `validation` scores each epoch); the job itself is here.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import numpy as np
 from flows import storage
 from flows.transforms import Augment
 from jobs.registered import DEFAULT_MLFLOW_DIR
+from jobs.train.batches import collate
 from jobs.train.config import TASKS, TrainConfig
 from jobs.train.data import TrainData, prepare_data
 from jobs.train.loop import (
@@ -51,7 +53,6 @@ from jobs.train.loop import (
     REPORT_FILE,
     Schedule,
     TrainState,
-    collate,
     make_optimizer,
     train_epoch,
     train_loop,

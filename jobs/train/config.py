@@ -10,11 +10,16 @@ from typing import Any, Literal
 from flows import labels as flabels
 from flows import storage
 from jobs.config import ConfigError, redact
+from jobs.train.balance import BALANCES
 from models import MODELS
 
 TASKS = ("category", "action", "action_steps", "sentiment", "valence", "importance")
 STEP_BACKBONES = ("cnn_lstm",)  # backbones with per-step features (for the action_steps loss)
-CLIP_MODELS = ("multitask", "sentiment", "c3d_small", "c3d", "cnn_lstm", "graph")
+CLIP_MODELS = (
+    "multitask", "sentiment", "c3d_small", "c3d", "cnn_lstm", "graph", "videomae", "timesformer",
+)  # fmt: skip
+TRANSFORMER_BACKBONES = ("videomae", "timesformer")  # pretrained from a Hugging Face folder
+SPORTS1M_BACKBONES = ("c3d", "c3d_small")  # pretrained from a Sports-1M-layout state dict
 
 
 def _require(ok: bool, key: str, why: str, value: Any) -> None:
@@ -78,6 +83,12 @@ class TasksSection:
     category: the video's label on each clip; action: the action covering most of the clip, else "none";
     action_steps: the action of each frame (CNN-LSTM step head); sentiment + valence: the video's;
     importance: the fraction of the clip inside a highlight segment.
+
+    `balance` (jobs/train/balance.py): "fixed" trains on Σ weight·loss; "uncertainty" learns one weight per
+    task (Kendall et al. 2018, Σ weight·(exp(−s)·loss + s)), the weights above acting as prior multipliers;
+    "gradnorm" learns them so that each task's gradient follows how far its loss lags (Chen et al. 2018),
+    `balance_alpha` setting how strongly; with either, the weights above multiply the learned ones.
+    `balance_lr_scale` multiplies the learning rate of the learned weights' parameters.
     """
 
     category: float = 1.0
@@ -86,11 +97,24 @@ class TasksSection:
     sentiment: float = 1.0
     valence: float = 1.0
     importance: float = 1.0
+    balance: str = "fixed"
+    balance_lr_scale: float = 10.0
+    balance_alpha: float = 1.5
 
     def __post_init__(self) -> None:
         for task in TASKS:
             value = getattr(self, task)
             _require(value >= 0 and math.isfinite(value), f"tasks.{task}", "must be a weight >= 0", value)
+        why = f"must be one of {', '.join(BALANCES)}"
+        _require(self.balance in BALANCES, "tasks.balance", why, self.balance)
+        _require(
+            0 < self.balance_lr_scale <= 1000 and math.isfinite(self.balance_lr_scale),
+            "tasks.balance_lr_scale",
+            "must be in (0, 1000]",
+            self.balance_lr_scale,
+        )
+        ok = 0 <= self.balance_alpha <= 10 and math.isfinite(self.balance_alpha)
+        _require(ok, "tasks.balance_alpha", "must be in [0, 10]", self.balance_alpha)
         _require(any(getattr(self, t) > 0 for t in TASKS), "tasks", "give at least one task a weight > 0", 0)
         if self.action_steps > 0:
             why = "needs tasks.action > 0 (it shares the action head)"
@@ -179,6 +203,42 @@ class OptimSection:
         )
 
 
+@dataclass(frozen=True)
+class FinetuneSection:
+    """Starting from pretrained weights, and how the backbone of a multi-task model trains then.
+
+    `pretrained`: the backbone's weights, a folder or s3:// URI — for videomae/timesformer a Hugging Face
+    folder (config.json, model.safetensors, preprocessor_config.json: the architecture, clip length, frame
+    size and normalization come from there); for c3d a Sports-1M-layout state dict (.pt or .safetensors).
+    `freeze_backbone_epochs`: the first N epochs train the heads only (backbone in eval mode, no gradients).
+    `backbone_lr_ratio`: the backbone's learning rate as a fraction of optim.lr. `layer_decay` (transformers):
+    each layer below the top learns at this factor of the one above (BEiT/VideoMAE's layer-wise decay).
+    `gradient_checkpointing` (transformers): recompute activations in the backward pass (memory for time).
+    """
+
+    pretrained: str | None = None
+    freeze_backbone_epochs: int = 0
+    backbone_lr_ratio: float = 1.0
+    layer_decay: float = 1.0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        e = self.freeze_backbone_epochs
+        _require(e >= 0, "finetune.freeze_backbone_epochs", "must be >= 0", e)
+        r = self.backbone_lr_ratio
+        _require(0 < r <= 10, "finetune.backbone_lr_ratio", "must be in (0, 10]", r)
+        _require(0 < self.layer_decay <= 1, "finetune.layer_decay", "must be in (0, 1]", self.layer_decay)
+        if self.pretrained is not None:
+            try:
+                storage.canonical_uri(self.pretrained)
+            except ValueError as err:
+                raise ConfigError(f"config key 'finetune.pretrained': {err}") from None
+
+    @property
+    def changes_backbone_training(self) -> bool:
+        return self.freeze_backbone_epochs > 0 or self.backbone_lr_ratio != 1 or self.layer_decay != 1
+
+
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
@@ -244,6 +304,7 @@ class TrainConfig:
     tasks: TasksSection = field(default_factory=TasksSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
     mlflow: MlflowSection = field(default_factory=MlflowSection)
 
@@ -262,6 +323,26 @@ class TrainConfig:
         )
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1", self.keep_checkpoints)
         self._check_model_tasks()
+        self._check_finetune()
+
+    def _check_finetune(self) -> None:
+        f, multitask = self.finetune, self.model.name == "multitask"
+        if f.pretrained is not None:
+            known = (*TRANSFORMER_BACKBONES, *SPORTS1M_BACKBONES)
+            _require(multitask and self.model.backbone in known, "finetune.pretrained",
+                     f"needs model.name multitask with a backbone of {', '.join(known)}; "
+                     f"model is {self._model_label}", f.pretrained)  # fmt: skip
+        if f.changes_backbone_training:
+            why = f"applies to a multi-task model's backbone; model is {self._model_label}"
+            _require(multitask, "finetune", why, self.model.name)
+        _require(f.freeze_backbone_epochs < self.optim.epochs, "finetune.freeze_backbone_epochs",
+                 f"must be < optim.epochs ({self.optim.epochs}): some epoch must train the backbone",
+                 f.freeze_backbone_epochs)  # fmt: skip
+        if f.gradient_checkpointing:
+            names = ", ".join(TRANSFORMER_BACKBONES)
+            why = f"needs a transformer backbone ({names}); model is {self._model_label}"
+            _require(multitask and self.model.backbone in TRANSFORMER_BACKBONES,
+                     "finetune.gradient_checkpointing", why, True)  # fmt: skip
 
     def _check_model_tasks(self) -> None:
         name, tasks = self.model.name, self.tasks

@@ -9,21 +9,23 @@ import math
 import tempfile
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from flows import labels as flabels
-from flows.transforms import Augment, audio_crop, augment, flip_labels, temporal_crop
+from flows.transforms import Augment, audio_crop, augment
 from jobs.config import redact
-from jobs.train.config import OptimSection, TrainConfig
+from jobs.train import balance as tbalance
+from jobs.train.batches import collate, model_inputs, task_losses, train_targets
+from jobs.train.config import FinetuneSection, OptimSection, TrainConfig
 from jobs.train.plan import build_model
-from models import head_loss, save_model
+from jobs.train.validation import validate
+from models import save_model
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     starts: list[int] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
+    backbone_frozen: bool = False  # this epoch trains the heads only (finetune.freeze_backbone_epochs)
 
 
 MODEL_FILE, STATE_FILE, REPORT_FILE = "model.pt", "train_state.pt", "report.json"
@@ -57,20 +60,35 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device()
 
     model = build_model(config, heads)
+    weights = config.tasks.weights()
+    # The task weights (learned with tasks.balance=uncertainty or gradnorm) live beside the model, not in
+    # it: never in the saved model; their gradients are averaged across workers in train_epoch.
+    balancer = tbalance.make_balancer(
+        config.tasks.balance, weights, config.tasks.balance_lr_scale, config.tasks.balance_alpha
+    )
     state, optimizer_state = TrainState(), None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state, optimizer_state = load_checkpoint(Path(folder), model)
+            state, optimizer_state = load_checkpoint(Path(folder), model, balancer)
+    balancer.to(device)
     state.starts.append(state.epoch)
-    weights = config.tasks.weights()
     # Heads without a loss get no gradient, and the sentiment model skips the encoder of a modality
     # that no sample of a batch has: DDP must expect unused parameters then.
-    unused = bool(set(model.spec.heads) - set(weights)) or config.model.name == "sentiment"
+    # A frozen backbone gets no gradients either.
+    unused = (
+        bool(set(model.spec.heads) - set(weights))
+        or config.model.name == "sentiment"
+        or config.finetune.freeze_backbone_epochs > 0
+    )
     ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": unused})
-    optimizer = make_optimizer(_unwrap(ddp), config.optim)
+    optimizer = make_optimizer(_unwrap(ddp), config.optim, config.finetune)
+    balance_group = tbalance.param_group(balancer)
+    if balance_group is not None:
+        optimizer.add_param_group(balance_group)
     if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)  # moves the state to the parameters' device
+        # moves the state to the parameters' device; a checkpoint without the balancer's group gets it fresh
+        optimizer.load_state_dict(tbalance.fit_optimizer_state(optimizer, optimizer_state))
     tracker = _Tracker(loop_config["run_id"], loop_config["tracking_uri"]) if rank == 0 else None
     if tracker:
         tracker.log({"attempt_start_epoch": state.epoch}, step=len(state.starts) - 1)
@@ -85,6 +103,9 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     last: dict[str, float] = state.history[-1] if state.history else {}
     for epoch in range(state.epoch, config.optim.epochs):
         started = time.perf_counter()
+        state.backbone_frozen = epoch < config.finetune.freeze_backbone_epochs
+        if hasattr(_unwrap(ddp), "freeze_backbone"):
+            _unwrap(ddp).freeze_backbone(state.backbone_frozen)
         generator = torch.Generator().manual_seed(zlib.crc32(f"{config.seed}:{rank}:{epoch}".encode()))
         batches = train_shard.iter_torch_batches(
             batch_size=config.data.batch_size,
@@ -93,9 +114,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             local_shuffle_seed=config.seed + 1000 * epoch + rank,
             drop_last=True,
         )
-        train_metrics = train_epoch(
-            ddp, optimizer, batches, config, labels, aug, schedule, state, device, generator, use_bf16
-        )
+        train_metrics = train_epoch(ddp, optimizer, batches, config, labels, aug, schedule, state, device,
+                                    generator, use_bf16, balancer)  # fmt: skip
         train_seconds = time.perf_counter() - started
         val_batches = val_shard.iter_torch_batches(batch_size=config.data.batch_size, collate_fn=collate)
         val_metrics, report = validate(_unwrap(ddp), val_batches, config, labels, heads, device, use_bf16)
@@ -104,6 +124,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             "epoch": float(epoch),
             **train_metrics,
             **val_metrics,
+            **{f"task_weight_{task}": w for task, w in balancer.weights().items()},
             "lr": schedule(state.step),
             "train_clips_per_s": train_metrics["train_clips"] * world / max(train_seconds, 1e-9),
             "epoch_seconds": time.perf_counter() - started,
@@ -114,24 +135,10 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="reelflow-ckpt-") as folder:
             ckpt = None
             if rank == 0:
-                save_checkpoint(Path(folder), _unwrap(ddp), optimizer, state, report)
+                save_checkpoint(Path(folder), _unwrap(ddp), optimizer, state, report, balancer)
                 ckpt = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(last, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
     return {"starts": state.starts, "epochs": state.epoch, "metrics": last}
-
-
-def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """A numpy batch → tensors (text stays a list of strings)."""
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        if key in ("text", "file"):
-            out[key] = [str(v) for v in value]
-        elif key == "audio":
-            out[key] = torch.from_numpy(np.stack([np.asarray(v, dtype=np.float32) for v in value]))
-        else:
-            array = np.asarray(value)
-            out[key] = torch.from_numpy(array if array.flags.writeable else array.copy())
-    return out
 
 
 class Schedule:
@@ -150,75 +157,36 @@ class Schedule:
         return self.base * (self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.Optimizer:
-    """AdamW or SGD (Nesterov momentum); no weight decay on biases and normalization weights."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.dim() <= 1 else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def make_optimizer(
+    model: nn.Module, optim: OptimSection, finetune: FinetuneSection | None = None
+) -> torch.optim.Optimizer:
+    """AdamW or SGD (Nesterov momentum); no weight decay on biases and normalization weights.
+
+    With `finetune`, a multi-task model's backbone parameters learn at `backbone_lr_ratio` × the rate, and a
+    transformer backbone's layer i of n at `layer_decay` ** (n + 1 − i) of that. Each group's `lr_scale`
+    is what the schedule multiplies; groups of backbone parameters are marked `backbone` (for freezing).
+    """
+    finetune = finetune or FinetuneSection()
+    backbone = getattr(model, "backbone", None)
+    groups: dict[tuple[float, bool, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        in_backbone = backbone is not None and name.startswith("backbone.")
+        scale = finetune.backbone_lr_ratio if in_backbone else 1.0
+        if in_backbone and finetune.layer_decay < 1 and hasattr(backbone, "layer_id"):
+            depth = backbone.num_layers + 1 - backbone.layer_id(name.removeprefix("backbone."))
+            scale *= finetune.layer_decay**depth
+        decays = param.dim() > 1
+        group = groups.setdefault(
+            (scale, decays, in_backbone),
+            {"params": [], "weight_decay": optim.weight_decay if decays else 0.0, "lr_scale": scale,
+             "backbone": in_backbone},
+        )  # fmt: skip
+        group["params"].append(param)
     if optim.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=optim.lr, momentum=0.9, nesterov=True)
-    return torch.optim.AdamW(groups, lr=optim.lr)
-
-
-def model_inputs(
-    model: nn.Module, frames: torch.Tensor, batch: Mapping[str, Any], device: torch.device
-) -> Any:
-    """What the model's forward takes: normalized clips, plus audio and text for a multimodal model."""
-    spec = model.spec
-    video = spec.prepare(frames).to(device, non_blocking=True)
-    if spec.modalities == ("video",):
-        return video
-    inputs: dict[str, Any] = {"video": video}
-    if "audio" in spec.modalities:
-        inputs["audio"] = batch["audio"].to(device)
-    if "text" in spec.modalities:
-        inputs["text"] = batch["text"]
-    return inputs
-
-
-def train_targets(
-    batch: Mapping[str, Any], views: Any, aug: Augment, labels: flabels.LabelSet, device: torch.device
-) -> dict[str, torch.Tensor]:
-    """Targets of the augmented clips: per-frame ones cut like the frames, clip ones derived from them."""
-    steps = temporal_crop(batch["action_steps"], views.offsets, aug.clip_len)
-    steps = flip_labels(steps, views.flipped, aug.flip_permutation)
-    importance = temporal_crop(batch["importance_steps"], views.offsets, aug.clip_len)
-    return _targets(batch, steps, importance, labels, device)
-
-
-def _targets(
-    batch: Mapping[str, Any],
-    steps: torch.Tensor,
-    importance: torch.Tensor,
-    labels: flabels.LabelSet,
-    device: torch.device,
-) -> dict[str, torch.Tensor]:
-    targets = {
-        "category": batch["category"],
-        "action_steps": steps,
-        "sentiment": batch["sentiment"],
-        "valence": batch["valence"].float(),
-        "importance": flabels.clip_importance(importance),
-    }
-    if labels.actions:  # a manifest without action labels has no background class either
-        targets["action"] = flabels.clip_action(steps, labels.background)
-    return {k: v.to(device, non_blocking=True) for k, v in targets.items()}
-
-
-def task_losses(
-    outputs: Mapping[str, torch.Tensor],
-    targets: Mapping[str, torch.Tensor],
-    spec: Any,
-    weights: Mapping[str, float],
-) -> dict[str, torch.Tensor]:
-    """Each task's loss (unweighted), computed in float32 whatever the autocast."""
-    floats = {k: v.float() for k, v in outputs.items()}
-    return {task: head_loss(floats, {task: targets[task]}, spec) for task in weights}
+        return torch.optim.SGD(list(groups.values()), lr=optim.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(list(groups.values()), lr=optim.lr)
 
 
 def train_epoch(
@@ -233,10 +201,17 @@ def train_epoch(
     device: torch.device,
     generator: torch.Generator,
     use_bf16: bool,
+    balancer: tbalance.TaskBalancer | None = None,
 ) -> dict[str, float]:
-    """One pass over this worker's shard; returns this worker's mean losses and clip count."""
+    """One pass over this worker's shard; returns this worker's mean losses and clip count.
+
+    `balancer` makes the loss that trains (default: the config's fixed weighted sum); its learned
+    parameters, if any, must be in `optimizer`. `train_loss` stays the configured weighted sum either way."""
     module = _unwrap(model)
     weights = config.tasks.weights()
+    balancer = balancer if balancer is not None else tbalance.TaskBalancer(weights)
+    balancer.attach(module)
+    balancer.train()
     accum = config.optim.grad_accum
     model.train()
     sums: dict[str, float] = {}
@@ -255,10 +230,11 @@ def train_epoch(
         sync = (micro + 1) % accum == 0
         with _maybe_no_sync(model, not sync), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
             losses = task_losses(model(inputs), targets, module.spec, weights)
-            total = sum(weights[t] * losses[t] for t in weights)
-            (total / accum).backward()
+            total = sum(weights[t] * losses[t].detach() for t in weights)
+            (balancer(losses, tbalance.loss_floors(targets)) / accum).backward()
         micro += 1
         if sync:
+            balancer.all_reduce_grads()
             _step(model, optimizer, schedule, state, config.optim.grad_clip)
         n = int(frames.shape[0])
         clips += n
@@ -266,6 +242,7 @@ def train_epoch(
         for task, loss in losses.items():
             sums[f"train_loss_{task}"] = sums.get(f"train_loss_{task}", 0.0) + float(loss.detach()) * n
     if micro % accum:  # the epoch's last, partial accumulation group (same count on every worker)
+        balancer.all_reduce_grads()
         _step(model, optimizer, schedule, state, config.optim.grad_clip)
     out = {k: v / max(clips, 1) for k, v in sums.items()}
     out["train_clips"] = float(clips)
@@ -289,7 +266,9 @@ def _step(
 ) -> None:
     lr = schedule(state.step)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        # A frozen backbone gets no step at all (AdamW's weight decay would still move it).
+        frozen = group.get("backbone", False) and state.backbone_frozen
+        group["lr"] = 0.0 if frozen else lr * group.get("lr_scale", 1.0)
     if clip:
         nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
@@ -301,152 +280,38 @@ def _maybe_no_sync(model: nn.Module, skip_sync: bool) -> Any:
     return model.no_sync() if skip_sync and hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
-@torch.no_grad()
-def validate(
-    model: nn.Module,
-    batches: Any,
-    config: TrainConfig,
-    labels: flabels.LabelSet,
-    heads: Mapping[str, Sequence[str]],
-    device: torch.device,
-    use_bf16: bool,
-) -> tuple[dict[str, float], dict[str, Any]]:
-    """Clip-level validation over every worker's shard (sums all-reduced): each task's metric, its loss,
-    and confusion matrices of the classification heads."""
-    weights = config.tasks.weights()
-    model.eval()
-    classes = {h: len(heads[h]) for h in ("category", "action", "sentiment") if h in heads}
-    acc = _Sums(classes, device)
-    for batch in batches:
-        steps = batch["action_steps"]
-        targets = _targets(batch, steps, batch["importance_steps"], labels, device)
-        inputs = model_inputs(model, batch["frames"], batch, device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
-            outputs = {k: v.float() for k, v in model(inputs).items()}
-        losses = task_losses(outputs, targets, model.spec, weights)
-        acc.add(outputs, targets, losses, weights)
-    return acc.reduce(heads)
-
-
-class _Sums:
-    """Running sums of validation counts, all-reduced across workers at the end."""
-
-    def __init__(self, classes: Mapping[str, int], device: torch.device) -> None:
-        self.classes = dict(classes)
-        self.device = device
-        self.scalars: dict[str, float] = {}
-        self.confusion = {h: torch.zeros(k, k, dtype=torch.float64) for h, k in self.classes.items()}
-
-    def _add(self, key: str, value: float) -> None:
-        self.scalars[key] = self.scalars.get(key, 0.0) + float(value)
-
-    def add(
-        self,
-        outputs: Mapping[str, torch.Tensor],
-        targets: Mapping[str, torch.Tensor],
-        losses: Mapping[str, torch.Tensor],
-        weights: Mapping[str, float],
-    ) -> None:
-        n = len(targets["category"])
-        self._add("n", n)
-        self._add("loss", sum(weights[t] * float(losses[t]) for t in weights) * n)
-        for task, loss in losses.items():
-            self._add(f"loss_{task}", float(loss) * n)
-        # Every key is added on every batch (zeros too): the workers all-reduce the same keys.
-        for head in self.classes:
-            logits, truth = outputs[head].cpu(), targets[head].cpu()
-            known = truth >= 0  # clips of videos without this label are not scored
-            logits, truth = logits[known], truth[known]
-            pred = logits.argmax(dim=1)
-            self._add(f"{head}_n", known.sum())
-            self._add(f"{head}_correct", (pred == truth).sum())
-            k = min(5, logits.shape[1])
-            self._add(f"{head}_top5", (logits.topk(k, dim=1).indices == truth[:, None]).any(dim=1).sum())
-            self.confusion[head].index_put_(
-                (truth, pred), torch.ones(len(truth), dtype=torch.float64), accumulate=True
-            )
-        if "action_steps" in weights:
-            steps, truth = outputs["action_steps"].argmax(dim=-1).cpu(), targets["action_steps"].cpu()
-            known = truth >= 0
-            self._add("action_steps_correct", (steps[known] == truth[known]).sum())
-            self._add("action_steps_n", known.sum())
-        for head in ("valence", "importance"):
-            if head in weights:
-                truth = targets[head].cpu()
-                known = torch.isfinite(truth)
-                self._add(f"{head}_abs", (outputs[head].cpu()[known] - truth[known]).abs().sum())
-                self._add(f"{head}_n", known.sum())
-
-    def reduce(self, heads: Mapping[str, Sequence[str]]) -> tuple[dict[str, float], dict[str, Any]]:
-        import torch.distributed as dist
-
-        keys = sorted(self.scalars)
-        flat = torch.cat(
-            [torch.tensor([self.scalars[k] for k in keys], dtype=torch.float64)]
-            + [self.confusion[h].flatten() for h in self.classes]
-        )
-        if dist.is_available() and dist.is_initialized():
-            # Every worker has the same keys: the same tasks, and at least one batch (equal shards).
-            flat = flat.to(self.device)
-            dist.all_reduce(flat)
-            flat = flat.cpu()
-        values = dict(zip(keys, flat[: len(keys)].tolist(), strict=True))
-        n = max(values.get("n", 0.0), 1.0)
-        metrics = {"val_loss": values.get("loss", 0.0) / n, "val_clips": values.get("n", 0.0)}
-        for key in keys:
-            if key.startswith("loss_"):
-                metrics[f"val_{key}"] = values[key] / n
-        report: dict[str, Any] = {"confusion": {}, "per_class": {}}
-        offset = len(keys)
-        for head, k in self.classes.items():
-            cm = flat[offset : offset + k * k].reshape(k, k).round().long().numpy()
-            offset += k * k
-            report["confusion"][head] = {"labels": list(heads[head]), "matrix": cm.tolist()}
-            report["per_class"][head] = _per_class(cm, heads[head])
-            scored = values[f"{head}_n"]
-            if not scored:
-                continue  # no validation clip has ground truth for this head
-            metrics[f"val_{head}_top1"] = values[f"{head}_correct"] / scored
-            if k > 5:
-                metrics[f"val_{head}_top5"] = values[f"{head}_top5"] / scored
-        if values.get("action_steps_n"):
-            metrics["val_action_steps_accuracy"] = values["action_steps_correct"] / values["action_steps_n"]
-        for head in ("valence", "importance"):
-            if values.get(f"{head}_n"):
-                metrics[f"val_{head}_mae"] = values[f"{head}_abs"] / values[f"{head}_n"]
-        return metrics, report
-
-
-def _per_class(cm: np.ndarray, names: Sequence[str]) -> dict[str, dict]:
-    from jobs.evaluation import per_class_report
-
-    truth = np.repeat(np.arange(len(names)), cm.sum(axis=1))
-    pred = np.concatenate([np.repeat(np.arange(len(names)), row) for row in cm]) if cm.sum() else truth
-    if truth.size == 0:
-        return {str(n): {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0} for n in names}
-    return per_class_report(truth, pred, names)
-
-
 def save_checkpoint(
     folder: Path,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     state: TrainState,
     report: Mapping[str, Any],
+    balancer: tbalance.TaskBalancer | None = None,
 ) -> None:
-    """model.pt (models.save_model: spec + builder + weights), the optimizer and progress, the val report."""
+    """model.pt (models.save_model: spec + builder + weights), the optimizer and progress (and the task
+    balancer's learned weights, beside the model's: never in its state_dict), the val report."""
     save_model(model, folder / MODEL_FILE)
-    torch.save({"optimizer": optimizer.state_dict(), "state": asdict(state)}, folder / STATE_FILE)
+    extra: dict[str, Any] = {"optimizer": optimizer.state_dict(), "state": asdict(state)}
+    if balancer is not None:
+        extra["balance"] = tbalance.state(balancer)
+    torch.save(extra, folder / STATE_FILE)
     (folder / REPORT_FILE).write_text(json.dumps({**report, "epoch": state.epoch}))
 
 
-def load_checkpoint(folder: Path, model: nn.Module) -> tuple[TrainState, dict[str, Any]]:
-    """Restore the weights from a checkpoint folder; return its progress and the optimizer's state."""
+def load_checkpoint(
+    folder: Path, model: nn.Module, balancer: tbalance.TaskBalancer | None = None
+) -> tuple[TrainState, dict[str, Any]]:
+    """Restore the weights (and `balancer`'s learned task weights, when the checkpoint has them: one from
+    before balancing leaves it at its start) from a checkpoint folder; return its progress and the
+    optimizer's state."""
     payload = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
     if payload["spec"]["heads"] != model.spec.to_dict()["heads"]:
         raise ValueError(f"checkpoint {folder}: its heads differ from this config's; use another run_name")
     model.load_state_dict(payload["state_dict"])
     extra = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    if balancer is not None and "balance" in extra and not tbalance.load_state(balancer, extra["balance"]):
+        log.warning("checkpoint %s: its task balance %s does not fit this config's; starting it afresh",
+                    folder, extra["balance"].get("kind"))  # fmt: skip
     return TrainState(**extra["state"]), extra["optimizer"]
 
 

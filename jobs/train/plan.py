@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from flows import labels as flabels
 from flows import storage
 from flows.clips import VideoRow, list_video_rows
+from flows.pretrained import fetch_pretrained
 from flows.transforms import Augment
 from jobs.config import ConfigError
-from jobs.train.config import TrainConfig
-from models import build
+from jobs.train.config import SPORTS1M_BACKBONES, TRANSFORMER_BACKBONES, TrainConfig
+from models import build, load_sports1m_state_dict, read_weights_file
 
 
 @dataclass(frozen=True)
@@ -141,14 +146,26 @@ def model_heads(config: TrainConfig, labels: flabels.LabelSet) -> dict[str, tupl
 
 
 def build_model(config: TrainConfig, heads: Mapping[str, Sequence[str]]) -> nn.Module:
-    """The model the config names, with `heads`; a bad builder argument is a one-line config error."""
+    """The model the config names, with `heads` (and `finetune.pretrained`'s weights); a bad builder
+    argument is a one-line config error."""
     m = config.model
     clip = {"clip_len": m.clip_len, "frame_size": list(m.frame_size), "fps": m.fps}
     heads = {k: list(v) for k, v in heads.items()}
     try:
         if m.name == "multitask":
             steps = ["action"] if config.tasks.action_steps > 0 else []
-            return build("multitask", backbone=m.backbone, heads=heads, step_heads=steps, **clip, **m.kwargs)
+            kwargs = {**clip, **m.kwargs, **_finetune_kwargs(config)}
+            model = build("multitask", backbone=m.backbone, heads=heads, step_heads=steps, **kwargs)
+            _check_pretrained_input(config, model)
+            if config.finetune.pretrained and m.backbone in SPORTS1M_BACKBONES:
+                load_sports1m_state_dict(model.backbone, sports1m_weights(config.finetune.pretrained),
+                                         classifier=False)  # fmt: skip
+                model.spec = replace(model.spec, source=config.finetune.pretrained)
+            return model
+        if m.name == "sentiment" and m.kwargs.get("text_pretrained"):
+            uri = m.kwargs["text_pretrained"]
+            kwargs = {**m.kwargs, "text_pretrained": str(fetch_pretrained(uri)), "text_source": uri}
+            return build("sentiment", heads=heads, **clip, **kwargs)
         if m.name == "sentiment":
             return build("sentiment", heads=heads, **clip, **m.kwargs)
         if m.name == "summarizer":
@@ -159,8 +176,46 @@ def build_model(config: TrainConfig, heads: Mapping[str, Sequence[str]]) -> nn.M
         return build(m.name, heads=heads, **clip, **m.kwargs)
     except TypeError as err:
         raise ConfigError(f"config key 'model.kwargs': {m.name}: {err}") from None
+    except ConfigError:
+        raise
     except ValueError as err:
-        raise ConfigError(f"config key 'model': {' '.join(str(err).split())}") from None
+        key = "finetune.pretrained" if config.finetune.pretrained else "model"
+        raise ConfigError(f"config key '{key}': {' '.join(str(err).split())}") from None
+
+
+def _finetune_kwargs(config: TrainConfig) -> dict[str, Any]:
+    """A transformer backbone's builder arguments from `finetune`: its pretrained folder (fetched here; its
+    clip length and frame size are the folder's) and gradient checkpointing."""
+    f = config.finetune
+    if config.model.backbone not in TRANSFORMER_BACKBONES:
+        return {}
+    out: dict[str, Any] = {"gradient_checkpointing": f.gradient_checkpointing}
+    if f.pretrained:
+        out.update(pretrained=str(fetch_pretrained(f.pretrained)), source=f.pretrained)
+        out.update(clip_len=None, frame_size=None)
+    return out
+
+
+def _check_pretrained_input(config: TrainConfig, model: nn.Module) -> None:
+    """The clips the job decodes must be what a pretrained backbone was built for."""
+    m, spec = config.model, model.spec
+    if (m.clip_len, tuple(m.frame_size)) != (spec.clip_len, tuple(spec.frame_size)):
+        raise ConfigError(
+            f"config keys 'model.clip_len', 'model.frame_size': {config.finetune.pretrained} takes "
+            f"{spec.clip_len} frames of {list(spec.frame_size)}, the config says {m.clip_len} of "
+            f"{list(m.frame_size)}; set them to the backbone's"
+        )
+
+
+def sports1m_weights(uri: str) -> dict[str, torch.Tensor]:
+    """A Sports-1M-layout C3D state dict from a .safetensors or a .pt/.pth file (a path or s3:// URI)."""
+    if not storage.is_s3(uri):
+        return read_weights_file(Path(storage.canonical_uri(uri)))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp, uri.rstrip("/").rsplit("/", 1)[-1])
+        with storage.open_uri(uri, "rb") as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+        return read_weights_file(local)
 
 
 def augmentation(config: TrainConfig, labels: flabels.LabelSet) -> Augment:
