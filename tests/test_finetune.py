@@ -206,3 +206,34 @@ def test_a_pretrained_file_that_is_not_weights_is_a_config_error(small_corpus: P
     )))  # fmt: skip
     with pytest.raises(ConfigError, match=rf"^config key 'finetune.pretrained': {bad}: cannot read weights"):
         train.plan_run(config)
+
+
+def test_optimizer_groups_scale_the_backbone_and_freeze_it(videomae_on_s3: tuple[str, Path]) -> None:
+    from jobs.train import loop
+    from jobs.train.config import FinetuneSection, OptimSection
+
+    _, folder = videomae_on_s3
+    model = build("multitask", backbone="videomae", heads={"category": ["a", "b"]}, pretrained=folder)
+    optim = OptimSection(lr=1e-3, epochs=2, warmup_epochs=0, min_lr_ratio=1.0)
+    finetune = FinetuneSection(backbone_lr_ratio=0.5, layer_decay=0.8)
+    optimizer = loop.make_optimizer(model, optim, finetune)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    scale = {name: group_of[id(p)]["lr_scale"] for name, p in model.named_parameters()}
+    layers = model.backbone.num_layers  # 2: embeddings 0, layers 1-2, the final norm 3
+    assert scale["heads.layers.category.weight"] == 1.0
+    assert scale["backbone.fc_norm.weight"] == pytest.approx(0.5)
+    assert scale["backbone.transformer.encoder.layer.1.output.dense.weight"] == pytest.approx(0.5 * 0.8)
+    assert scale["backbone.transformer.encoder.layer.0.output.dense.weight"] == pytest.approx(0.5 * 0.8**2)
+    assert scale["backbone.transformer.embeddings.patch_embeddings.projection.weight"] == pytest.approx(
+        0.5 * 0.8 ** (layers + 1)
+    )
+    # The schedule's rate times each group's scale; a frozen backbone's groups get none.
+    schedule, state = loop.Schedule(optim, steps_per_epoch=10), loop.TrainState(backbone_frozen=True)
+    model.freeze_backbone()
+    model(torch.randn(2, 3, 4, 32, 32)).get("category").sum().backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    loop._step(model, optimizer, schedule, state, clip=None)
+    assert {g["lr"] for g in optimizer.param_groups if g["backbone"]} == {0.0}
+    assert [g["lr"] for g in optimizer.param_groups if not g["backbone"]] == pytest.approx([1e-3, 1e-3])
+    assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())

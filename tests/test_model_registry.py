@@ -39,23 +39,24 @@ def registry(tmp_path: Path) -> tuple[str, str]:
     return uri, run_id
 
 
-def log_pickled(model: object, uri: str, run_id: str, spec: dict) -> str:
+def log_pickled(model: object, uri: str, run_id: str, spec: dict, monkeypatch: pytest.MonkeyPatch) -> str:
     """A version the way reelflow logged models before: MLflow's pytorch flavor, pickled."""
     import mlflow.pytorch
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
-            spec_file = Path(tmp, "spec.json")
-            spec_file.write_text(json.dumps(spec))
-            info = mlflow.pytorch.log_model(
-                model, name="model", serialization_format="pickle", extra_files=[str(spec_file)],
-                pip_requirements=["torch"], registered_model_name=NAME,
-            )  # fmt: skip
-    finally:
-        mlflow.set_tracking_uri(before)
+    # MLflow's process-wide store, pointed here for this test only (later tests use other stores).
+    for env in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(env, uri)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", uri)
+    monkeypatch.setattr(registry_utils, "_registry_uri", uri)
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        spec_file = Path(tmp, "spec.json")
+        spec_file.write_text(json.dumps(spec))
+        info = mlflow.pytorch.log_model(
+            model, name="model", serialization_format="pickle", extra_files=[str(spec_file)],
+            pip_requirements=["torch"], registered_model_name=NAME,
+        )  # fmt: skip
     return f"models:/{NAME}/{info.registered_model_version}"
 
 
@@ -98,11 +99,13 @@ def test_a_registered_model_loads_without_any_unpickling(
         assert torch.equal(want[head], got[head]), head
 
 
-def test_a_pickled_model_is_refused_unless_trusted(registry: tuple[str, str], tmp_path: Path) -> None:
+def test_a_pickled_model_is_refused_unless_trusted(
+    registry: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     uri, run_id = registry
     marker = tmp_path / "code-ran"
     RunsCodeWhenUnpickled.marker = str(marker)
-    model_uri = log_pickled(RunsCodeWhenUnpickled(), uri, run_id, small_model().spec.to_dict())
+    model_uri = log_pickled(RunsCodeWhenUnpickled(), uri, run_id, small_model().spec.to_dict(), monkeypatch)
 
     for command in (["evaluate", "--corpus", str(tmp_path)], ["tag", "--corpus", str(tmp_path)]):
         with pytest.raises(ValueError) as info:
@@ -119,11 +122,11 @@ def test_a_pickled_model_is_refused_unless_trusted(registry: tuple[str, str], tm
 
 
 def test_convert_re_registers_a_pickled_version_in_the_safe_form(
-    registry: tuple[str, str], capsys: pytest.CaptureFixture[str]
+    registry: tuple[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     uri, run_id = registry
     old = small_model(seed=3)
-    old_uri = log_pickled(old, uri, run_id, old.spec.to_dict())
+    old_uri = log_pickled(old, uri, run_id, old.spec.to_dict(), monkeypatch)
     client = MlflowClient(uri)
     client.set_registered_model_alias(NAME, "production", "1")
     with pytest.raises(ValueError, match="models convert"):
