@@ -413,8 +413,8 @@ def convert_model(model_uri: str, *, tracking_uri: str | None = None) -> str:
         tags={CONVERTED_TAG: str(ref.version)},
     )
     new_version = parse_model_uri(uri)[1]
-    for alias in client.get_registered_model(ref.name).aliases or {}:
-        if str(client.get_registered_model(ref.name).aliases[alias]) == str(ref.version):
+    for alias, version in (client.get_registered_model(ref.name).aliases or {}).items():
+        if str(version) == str(ref.version):
             client.set_registered_model_alias(ref.name, alias, new_version)
     return uri
 
