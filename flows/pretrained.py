@@ -79,7 +79,7 @@ def _fetch_s3(uri: str) -> Path:
     partial = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
         with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
-            list(pool.map(lambda item: _download(item[1][0], partial / item[0]), files.items()))
+            list(pool.map(lambda item: download(item[1][0], partial / item[0]), files.items()))
         try:
             partial.rename(folder)
         except OSError:
@@ -91,7 +91,8 @@ def _fetch_s3(uri: str) -> Path:
     return folder
 
 
-def _download(uri: str, path: Path) -> None:
+def download(uri: str, path: Path) -> None:
+    """Copy one stored object (a path or s3:// URI) to a local file."""
     with open_uri(uri, "rb") as src, open(path, "wb") as dst:
         shutil.copyfileobj(src, dst, 8 << 20)
 

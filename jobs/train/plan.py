@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -15,7 +14,7 @@ from torch import nn
 from flows import labels as flabels
 from flows import storage
 from flows.clips import VideoRow, list_video_rows
-from flows.pretrained import fetch_pretrained
+from flows.pretrained import download, fetch_pretrained
 from flows.transforms import Augment
 from jobs.config import ConfigError
 from jobs.train.config import SPORTS1M_BACKBONES, TRANSFORMER_BACKBONES, TrainConfig
@@ -213,8 +212,7 @@ def sports1m_weights(uri: str) -> dict[str, torch.Tensor]:
         return read_weights_file(Path(storage.canonical_uri(uri)))
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp, uri.rstrip("/").rsplit("/", 1)[-1])
-        with storage.open_uri(uri, "rb") as src, open(local, "wb") as dst:
-            shutil.copyfileobj(src, dst, 8 << 20)
+        download(uri, local)
         return read_weights_file(local)
 
 
