@@ -142,10 +142,11 @@ def list_video_rows(corpus_uri: str) -> list[VideoRow]:
 
 
 # Each block of video rows is one decode task, and a task costs Ray about 0.1 core-seconds, as much as
-# decoding a short clip, and leaves its core idle about as long before the next one starts. Two blocks per
-# CPU let a fast task take over from a slow one; at most 16 videos per block leave tasks for a cluster that
-# grows after the job starts, and 16 rather than 8 took half the gaps out of a 360p run (bench decode 0.83 →
-# 0.88 of the limit). A task's clips still reach the inference actors as they decode (CLIP_BLOCK_BYTES).
+# decoding a short clip, and leaves its core idle about as long before the next one starts. At most 16 videos
+# per block leave tasks for a cluster that grows after the job starts, and 16 rather than 8 took half the gaps
+# out of a 360p run (bench decode 0.83 → 0.88 of the limit). Blocks shrink towards the end of the dataset
+# (`block_sizes`), so the last tasks are short and the cores finish together. A task's clips still reach the
+# inference stage as they decode (CLIP_BLOCK_BYTES).
 BLOCKS_PER_CPU = 2
 MAX_VIDEOS_PER_BLOCK = 16
 MAX_BLOCKS = 1000
@@ -155,10 +156,35 @@ MAX_BLOCKS = 1000
 # first clips reach the inference actors, or the Parquet writer, when a block fills, not when they decode.
 CLIP_BLOCK_BYTES = 8 * 2**20
 
+_VIDEO_SCHEMA = pa.schema(
+    [("video_id", pa.string()), ("uri", pa.string()), ("size_bytes", pa.int64()), ("etag", pa.string())]
+)
+_WINDOW_SCHEMA = _VIDEO_SCHEMA.append(pa.field("window_start_s", pa.float64())).append(
+    pa.field("window_end_s", pa.float64())
+)
+
+
+def block_sizes(
+    videos: int, slots: int, most: int = MAX_VIDEOS_PER_BLOCK, blocks: int = MAX_BLOCKS
+) -> list[int]:
+    """Videos per decode task, in order (guided self-scheduling): each block takes its share of the videos
+    left over `slots` tasks running at once, between 1 and `most`, so the first tasks are long and the last
+    ones short, and no core waits long for another to finish. `most` grows until at most `blocks` blocks."""
+    if videos < 0 or slots < 1 or most < 1 or blocks < 1:
+        raise ValueError(f"block_sizes: videos={videos}, slots={slots}, most={most}, blocks={blocks}")
+    while True:
+        sizes, left = [], videos
+        while left:
+            sizes.append(min(most, max(1, math.ceil(left / slots)), left))
+            left -= sizes[-1]
+        if len(sizes) <= blocks or most >= videos:
+            return sizes
+        most *= 2
+
 
 def video_dataset(videos: list[VideoRow]) -> Any:
-    """A Ray Dataset of video rows in about two blocks per cluster CPU, so decoding spreads out; its clip
-    stages pass on blocks of at most `CLIP_BLOCK_BYTES`."""
+    """A Ray Dataset of video rows in blocks of `block_sizes` (about two tasks per cluster CPU at a time), so
+    decoding spreads out and ends together; its clip stages pass on blocks of at most `CLIP_BLOCK_BYTES`."""
     import ray
     import ray.data
 
@@ -170,13 +196,17 @@ def video_dataset(videos: list[VideoRow]) -> Any:
         if windowed:
             item.update(window_start_s=start, window_end_s=end)
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else os.cpu_count() or 1
-    blocks = max(BLOCKS_PER_CPU * cpus, math.ceil(len(items) / MAX_VIDEOS_PER_BLOCK))
+    schema = _WINDOW_SCHEMA if windowed else _VIDEO_SCHEMA
+    tables, begin = [], 0
+    for size in block_sizes(len(items), BLOCKS_PER_CPU * max(1, cpus)) or [0]:
+        tables.append(pa.Table.from_pylist(items[begin : begin + size], schema=schema))
+        begin += size
     # A Dataset keeps the DataContext it was made with, and so does every stage made from it.
     context = ray.data.DataContext.get_current()
     default_block_bytes = context.target_max_block_size
     context.target_max_block_size = CLIP_BLOCK_BYTES
     try:
-        return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), blocks, MAX_BLOCKS)))
+        return ray.data.from_arrow(tables)
     finally:
         context.target_max_block_size = default_block_bytes
 
@@ -386,14 +416,30 @@ def _clip_row(row: VideoRow, clip: _Clip, config: ClipConfig, info: VideoInfo | 
 # --- the Ray Data stage -----------------------------------------------------------------------------
 
 
+ClipStreamFn = Callable[[Iterator[pa.Table]], Iterator[Any]]
+
+
 def _clips_udf(
     batch: dict[str, np.ndarray],
     config: ClipConfig,
     errors_uri: str,
     decode_fn: DecodeFn,
     partial_uri: str | None,
+    then: ClipStreamFn | None = None,
+) -> Iterator[Any]:
+    """map_batches UDF: one video row in, its clips out a few at a time (bounded memory), or what `then`
+    makes of them."""
+    tables = _clip_tables(batch, config, errors_uri, decode_fn, partial_uri)
+    yield from then(tables) if then is not None else tables
+
+
+def _clip_tables(
+    batch: dict[str, np.ndarray],
+    config: ClipConfig,
+    errors_uri: str,
+    decode_fn: DecodeFn,
+    partial_uri: str | None,
 ) -> Iterator[pa.Table]:
-    """map_batches UDF: one video row in, its clips out a few at a time (bounded memory)."""
     sink = ErrorSink(errors_uri)
     partial_sink = ErrorSink(partial_uri) if partial_uri else None
     for i in range(len(batch["uri"])):
@@ -465,6 +511,7 @@ def clip_dataset(
     num_cpus: float = DECODE_TASK_CPUS,
     decode_fn: DecodeFn = decode_video,
     partial_uri: str | None = None,
+    then: ClipStreamFn | None = None,
 ) -> Any:
     """Ray Dataset of video rows → lazy Ray Dataset of clip rows; failures go to `errors_uri`, and the
     reasons of videos that gave clips from only part of themselves to `partial_uri` (`flows.side_outputs`).
@@ -472,6 +519,10 @@ def clip_dataset(
     Clip rows: {video_id, uri, clip_index, start_s, end_s, frames uint8[T,H,W,3]} plus `audio`
     float32[S] when `config.audio` and `text` when `config.subtitles`. `start_s`/`end_s` are the
     decoded times of the clip's first and last frame, in seconds from the video's first frame.
+
+    `then` (picklable) runs inside each decode task on its stream of clip tables, and what it yields are the
+    stage's rows instead: work fused into decoding, so that the clips never leave the process that decoded
+    them (CPU inference, `flows.inference`).
     """
     return videos.map_batches(
         _clips_udf,
@@ -481,6 +532,7 @@ def clip_dataset(
             "errors_uri": errors_uri,
             "decode_fn": decode_fn,
             "partial_uri": partial_uri,
+            "then": then,
         },
         num_cpus=num_cpus,
     )

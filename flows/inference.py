@@ -1,13 +1,14 @@
 """Tagging inference: videos → sliding windows at the models' input → every head's per-clip outputs,
 regrouped per video: in Ray blocks of whole videos for the tag job (`predictions_by_video`), or gathered in
 the caller for a bounded set (`run_inference`: evaluation). Models come in loaded (the jobs
-resolve registry URIs), so this data plane knows nothing of MLflow.
+resolve registry URIs), so this data plane knows nothing of MLflow. Where the clips are predicted (inside the
+decode tasks on CPU, an actor pool with GPUs) is `prediction_dataset`'s choice, by `PredictConfig`.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -16,7 +17,15 @@ import pyarrow as pa
 
 from flows.aggregate import AggregateConfig, VideoClips, VideoSummary, summarize
 from flows.clips import ClipConfig, VideoRow, clip_dataset, video_dataset
-from flows.predict import PREDICTED_AT, PredictConfig, output_column, predict_dataset
+from flows.predict import (
+    PREDICTED_AT,
+    ModelLoader,
+    PredictConfig,
+    ShippedModel,
+    output_column,
+    predict_clip_stream,
+    predict_dataset,
+)
 from flows.side_outputs import read_errors
 
 if TYPE_CHECKING:
@@ -102,8 +111,7 @@ def run_inference(
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # a step inside a job that reports itself
-    clips = clip_dataset(video_dataset(list(videos)), clip_config, errors_uri)
-    predictions = predict_dataset(clips, model_loaders(models), predict)
+    predictions = prediction_dataset(videos, models, clip_config, predict, errors_uri)
     batches = list(predictions.iter_batches(batch_format="pyarrow", batch_size=None))
     out = Inference()
     if batches:
@@ -114,12 +122,31 @@ def run_inference(
     return out
 
 
-def model_loaders(models: Sequence[LoadedModel]) -> list[Callable[[], Any]]:
-    """Loaders that hand each inference actor the caller's modules through the object store: an actor then
-    starts without importing MLflow or downloading artifacts, and runs exactly the weights resolved."""
-    import ray
+def model_loaders(models: Sequence[LoadedModel]) -> list[ModelLoader]:
+    """Loaders that hand the inference processes the caller's modules through the object store: they then
+    start without importing MLflow or downloading artifacts, and run exactly the weights resolved. A module
+    already shipped (`ShippedModel`, put once for a whole night) is passed on as it is."""
+    return [m.module if isinstance(m.module, ShippedModel) else ShippedModel.put(m.module) for m in models]
 
-    return [functools.partial(ray.get, ray.put(m.module)) for m in models]
+
+def prediction_dataset(
+    videos: Sequence[VideoRow],
+    models: Sequence[LoadedModel],
+    clip_config: ClipConfig,
+    predict: PredictConfig,
+    errors_uri: str,
+    partial_uri: str | None = None,
+) -> Any:
+    """Lazy Ray Dataset of every window's prediction rows (`flows.predict`'s columns beside the clip's),
+    predicted inside the decode tasks (CPU) or by an actor pool after them (GPUs)."""
+    clips = functools.partial(clip_dataset, video_dataset(list(videos)), clip_config, errors_uri,
+                              partial_uri=partial_uri)  # fmt: skip
+    loaders = model_loaders(models)
+    if predict.predicts_in_decode_tasks():
+        threads = predict.threads or 1
+        return clips(then=functools.partial(predict_clip_stream, loaders=loaders,
+                                            batch_size=predict.batch_size, threads=threads))  # fmt: skip
+    return predict_dataset(clips(), loaders, predict)
 
 
 # --- per-video aggregation in Ray ---------------------------------------------------------------------
@@ -147,14 +174,17 @@ def predictions_by_video(
     each holding every clip of its videos: a `map_batches(..., batch_size=None)` after it sees whole videos
     (`videos_in_block`), as Ray's own `map_groups` relies on. Decode errors go to `errors_uri` and partial
     videos' reasons to `partial_uri`; all of them are written before the first block comes out, since the
-    shuffle waits for every prediction."""
-    clips = clip_dataset(video_dataset(list(videos)), clip_config, errors_uri, partial_uri=partial_uri)
-    predictions = predict_dataset(clips, model_loaders(models), predict)
-    if blocks <= 1:  # one block holds every video: merging blocks costs less than a hash shuffle
-        return predictions.repartition(1)
+    shuffle waits for every prediction. For a single block, `merged_block` gathers them sooner."""
+    predictions = prediction_dataset(videos, models, clip_config, predict, errors_uri, partial_uri)
     # Not `sort=True`: Ray 2.60's sorting reduce fails on a shuffle with no rows (every video failed to
     # decode), so `videos_in_block` sorts each block itself.
     return predictions.repartition(blocks, keys=["video_id"])
+
+
+def merged_block(blocks: Sequence[pa.Table]) -> pa.Table:
+    """Every block of a `prediction_dataset` as one table (empty when no video gave a clip): whole videos for
+    one writer, without Ray Data merging them first (an all-to-all stage and one more task on the tail)."""
+    return pa.concat_tables(blocks, promote_options="default") if blocks else pa.table({})
 
 
 def videos_in_block(block: pa.Table, models: Sequence[LoadedModel]) -> Iterator[VideoPredictions]:

@@ -1,12 +1,16 @@
-"""Batch prediction: clip rows → per-clip outputs of every head of every model, in a Ray Data actor pool.
+"""Batch prediction: clip rows → per-clip outputs of every head of every model, in a Ray Data actor pool
+or inside the decode tasks.
 
-Decoding (`flows.clips`, CPU tasks) and inference (this module, a pool of actors that each load the
-models once) are separate stages, so each scales on its own: more decode tasks on CPU nodes, one
-inference actor per GPU (or a few CPU actors on a machine without one).
+With GPUs, decoding (`flows.clips`, CPU tasks) and inference (a pool of actors that each load the models
+once) are separate stages, so each scales on its own: more decode tasks on CPU nodes, one inference actor
+per GPU. On CPU a separate stage gains nothing, and each actor costs a new worker process, its own torch
+import and a copy of every clip through the object store: there `predict_clip_stream` runs inside the
+decode tasks (`flows.clips.clip_dataset(..., then=...)`), with the models loaded once per worker process
+(`process_predictor`), which Ray keeps for the next task.
 
 Models come from `loaders`: picklable zero-argument callables that return a module with a `spec`
-(the tag job ships the modules it resolved: `functools.partial(ray.get, ray.put(module))`), so this
-data plane never imports the registry client itself. Output columns are named `m<i>.<head>` (model
+(the jobs ship the modules they resolved once: `ShippedModel.put(module)`), so this data plane never
+imports the registry client itself. Output columns are named `m<i>.<head>` (model
 index i in `loaders`): probabilities [K] for classification heads, per-frame probabilities [T, K] for
 `<head>_steps`, a float for scalar heads (valence, importance). `predicted_at` is the wall-clock time a
 batch was predicted, so that a job that gathers its rows only after a shuffle can still tell its start-up
@@ -15,12 +19,14 @@ from its steady rate.
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 # Clip-row columns that only the models read; everything else passes through to the prediction rows.
 INPUT_COLUMNS = ("frames", "audio", "text")
@@ -40,12 +46,17 @@ def output_column(model_index: int, key: str) -> str:
 class PredictConfig:
     """How the inference stage runs.
 
-    `use_gpu=None` uses GPU actors when the cluster has GPUs now; `True` requests GPUs whether or not a GPU
-    node is up yet, so an autoscaler adds one. `concurrency` is the most actors (default: one per GPU, or
-    `cpu_actors` on CPU, by default one per cluster CPU) and `min_actors` the fewest; Ray Data starts
-    `min_actors` and adds more while the pool is busy. `num_cpus` is reserved per actor: by default 1 for a
-    GPU actor (to feed it) and 0.1 for a CPU actor, so that decode tasks (0.9 each) may take every core and
-    the actors' torch `threads` (default 1) use what decoding leaves (Ray Data's backpressure pauses
+    `in_decode_tasks`: predict inside the decode tasks (no actors; the default where inference runs on CPU)
+    rather than in an actor pool (the default with GPUs; `False` asks for actors on CPU too). Fused, each
+    decode task's process loads the models once and keeps them for its next tasks, running torch on
+    `threads` (default 1) beside its decoder child.
+
+    The actor pool: `use_gpu=None` uses GPU actors when the cluster has GPUs now; `True` requests GPUs
+    whether or not a GPU node is up yet, so an autoscaler adds one. `concurrency` is the most actors (default:
+    one per GPU, or `cpu_actors` on CPU, by default one per cluster CPU) and `min_actors` the fewest; Ray Data
+    starts `min_actors` and adds more while the pool is busy. `num_cpus` is reserved per actor: by default 1
+    for a GPU actor (to feed it) and 0.1 for a CPU actor, so that decode tasks (0.9 each) may take every core
+    and the actors' torch `threads` (default 1) use what decoding leaves (Ray Data's backpressure pauses
     decoding while clips queue up), while no actor can be placed on a head that declares 0 CPUs.
     One single-threaded actor per core beats one actor with a thread per core (no intra-op barriers).
     `memory_gb` is reserved per actor for its models and batches; that resource shape, unlike the decode
@@ -54,6 +65,7 @@ class PredictConfig:
     """
 
     batch_size: int = 16
+    in_decode_tasks: bool | None = None
     concurrency: int | None = None
     min_actors: int = 1
     use_gpu: bool | None = None
@@ -76,6 +88,11 @@ class PredictConfig:
             ("cpu_actors", self.cpu_actors is None or self.cpu_actors >= 1, "must be >= 1"),
             ("threads", self.threads is None or self.threads >= 1, "must be >= 1"),
             ("memory_gb", self.memory_gb > 0, "must be > 0"),
+            (
+                "in_decode_tasks",
+                not (self.in_decode_tasks and self.use_gpu),
+                "predicts on the decode tasks' CPUs; GPUs (use_gpu=True) need the actor pool",
+            ),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -83,7 +100,13 @@ class PredictConfig:
 
     def runs_on_gpu(self) -> bool:
         """Whether the actors take GPUs: `use_gpu`, or when it is None, whether the cluster has any."""
+        if self.in_decode_tasks:
+            return False
         return cluster_has_gpus() if self.use_gpu is None else self.use_gpu
+
+    def predicts_in_decode_tasks(self) -> bool:
+        """Whether inference runs inside the decode tasks: `in_decode_tasks`, or when it is None, on CPU."""
+        return not self.runs_on_gpu() if self.in_decode_tasks is None else self.in_decode_tasks
 
 
 class ClipPredictor:
@@ -122,6 +145,77 @@ class ClipPredictor:
             out.update(head_outputs(i, model.spec, outputs))
         out[PREDICTED_AT] = np.full(len(batch["video_id"]), time.time())
         return out
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """A model loader that holds the module's object-store reference: small to pickle into every task or
+    actor, and the same key wherever it lands, so a process that loaded it once keeps it."""
+
+    ref: Any  # ray.ObjectRef of the module
+
+    @classmethod
+    def put(cls, module: Any) -> ShippedModel:
+        """Put `module` in the object store (once per job: the driver keeps the reference)."""
+        import ray
+
+        return cls(ray.put(module))
+
+    @property
+    def key(self) -> str:
+        return self.ref.hex()
+
+    def __call__(self) -> Any:
+        import ray
+
+        return ray.get(self.ref)
+
+
+# The predictor of the models this process loaded last: a decode task's worker process runs task after task
+# of one night, and loading the models again for each would cost more than decoding a video.
+_process_predictor: tuple[tuple[str, ...], ClipPredictor] | None = None
+
+
+def process_predictor(loaders: Sequence[ModelLoader], threads: int = 1) -> ClipPredictor:
+    """A CPU predictor of `loaders`' models, built once per process when they are `ShippedModel`s (each
+    call otherwise). It holds only the latest models: a process that gets others lets the old ones go."""
+    global _process_predictor
+    keys = tuple(getattr(loader, "key", "") for loader in loaders)
+    if not all(keys):
+        return ClipPredictor(loaders, threads=threads)
+    if _process_predictor is None or _process_predictor[0] != keys:
+        _process_predictor = None  # the old models go before the new ones load
+        _process_predictor = (keys, ClipPredictor(loaders, threads=threads))
+    return _process_predictor[1]
+
+
+def predict_clip_stream(
+    tables: Iterator[pa.Table], loaders: Sequence[ModelLoader], batch_size: int, threads: int = 1
+) -> Iterator[dict[str, np.ndarray]]:
+    """Prediction batches of a stream of clip tables, predicted in this process `batch_size` clips at a time
+    (the last batch holds the rest): inference fused into a decode task (`flows.clips.clip_dataset`'s
+    `then`)."""
+    from ray.data.block import BlockAccessor
+
+    # The first clips before the models: the decoder child then decodes a few clips ahead while this process
+    # imports torch and loads the models (a worker's first task), and a task whose videos all fail loads none.
+    first = next(tables, None)
+    if first is None:
+        return
+    predictor = process_predictor(loaders, threads)
+    pending: list[pa.Table] = []
+    rows = 0
+    for table in itertools.chain([first], tables):
+        pending.append(table)
+        rows += table.num_rows
+        while rows >= batch_size:
+            merged = pa.concat_tables(pending)
+            batch = BlockAccessor.for_block(merged.slice(0, batch_size)).to_batch_format("numpy")
+            yield predictor(batch)
+            rest = merged.slice(batch_size)
+            pending, rows = ([rest] if rest.num_rows else []), rest.num_rows
+    if rows:
+        yield predictor(BlockAccessor.for_block(pa.concat_tables(pending)).to_batch_format("numpy"))
 
 
 def model_inputs(spec: Any, batch: dict[str, np.ndarray], device: Any) -> Any:

@@ -102,10 +102,12 @@ def _bench(args: argparse.Namespace) -> int:
 
         bench_scale.main(bench_scale.BenchScaleConfig(**({"objects": args.objects} if args.objects else {})))
     elif args.what == "tag":
+        from flows.predict import PredictConfig
         from jobs import bench_tag
 
         kwargs = {"videos": args.videos} if args.videos else {}
-        bench_tag.main(bench_tag.BenchTagConfig(corpus=args.corpus, **kwargs))
+        predict = PredictConfig(use_gpu=True) if args.gpu else PredictConfig()
+        bench_tag.main(bench_tag.BenchTagConfig(corpus=args.corpus, predict=predict, **kwargs))
     elif args.what == "train":
         from jobs import bench_train
 
@@ -200,7 +202,10 @@ def _tag(args: argparse.Namespace) -> int:
 
     fewest, most = args.actors or (1, None)
     gpus = {"auto": None, "true": True, "false": False}[args.gpus]
-    predict = PredictConfig(batch_size=args.batch_size, concurrency=most, min_actors=fewest, use_gpu=gpus)
+    predict = PredictConfig(
+        batch_size=args.batch_size, concurrency=most, min_actors=fewest, use_gpu=gpus,
+        in_decode_tasks=False if args.actors else None,
+    )  # fmt: skip
     lease = {"lease_ttl_s": args.lease_ttl} if args.lease_ttl is not None else {}
     config = tag.TagConfig(
         corpus=args.corpus,
@@ -320,7 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heights", help="decode: frame heights to generate, comma-separated (360,720,1080)")
     p.add_argument("--clips", type=int, help="train: pre-decoded clips per epoch")
     p.add_argument("--workers", type=int, help="train: Ray Train workers (1 torch thread each)")
-    p.add_argument("--gpu", action="store_true", help="train: one GPU per worker, and for the plain loop")
+    p.add_argument(
+        "--gpu", action="store_true",
+        help="train: one GPU per worker, and for the plain loop; tag: inference actors on GPUs",
+    )  # fmt: skip
     p.add_argument("--objects", type=int, help="scale: listed objects N of the smaller catalog (then 10×N)")
     p.set_defaults(func=_bench)
 
@@ -373,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="clips per inference batch")
     p.add_argument(
         "--actors", type=actor_range, metavar="MIN:MAX",
-        help="inference actors: the pool starts with MIN and grows to MAX while busy (N: 1 to N; default: up "
-        "to one per GPU, or one per CPU)",
+        help="predict in an actor pool that starts with MIN actors and grows to MAX while busy (N: 1 to N); "
+        "by default GPUs get up to one actor each, and on CPU the decode tasks predict what they decode",
     )  # fmt: skip
     p.add_argument(
         "--gpus", choices=("auto", "true", "false"), default="auto",

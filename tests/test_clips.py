@@ -24,7 +24,9 @@ import ray.cloudpickle
 from flows import storage
 from flows.clips import (
     ClipConfig,
+    VideoRow,
     _Clip,
+    block_sizes,
     clip_dataset,
     corpus_clips,
     decode_video,
@@ -301,6 +303,37 @@ def test_clip_datasets_pass_on_small_blocks_and_leave_the_context(corpus: Path, 
     clips = clip_dataset(video_dataset(list_video_rows(str(corpus))), ClipConfig(), "/nonexistent-unused")
     assert clips.context.target_max_block_size == CLIP_BLOCK_BYTES < default
     assert ray.data.DataContext.get_current().target_max_block_size == default
+
+
+@pytest.mark.parametrize(("videos", "slots"), [(64, 4), (3, 4), (10_000, 128), (5, 1), (17, 2)])
+def test_decode_tasks_shrink_towards_the_end(videos: int, slots: int) -> None:
+    """Blocks take every video once, largest first and at most 16, so the last tasks are short (the cores
+    finish together) and every slot has a task of a single video at the end."""
+    sizes = block_sizes(videos, slots)
+    assert sum(sizes) == videos
+    assert sizes == sorted(sizes, reverse=True) and max(sizes) <= 16
+    assert sizes[-min(slots, videos) :] == [1] * min(slots, videos) or slots == 1
+    assert len(sizes) < videos or videos <= slots
+
+
+def test_block_sizes_grow_to_stay_under_the_block_limit_and_refuse_bad_counts() -> None:
+    sizes = block_sizes(100_000, 4, blocks=1000)
+    assert sum(sizes) == 100_000 and len(sizes) <= 1000 and max(sizes) > 16
+    assert block_sizes(0, 4) == []
+    with pytest.raises(ValueError, match="slots=0"):
+        block_sizes(10, 0)
+
+
+def test_video_dataset_keeps_the_rows_in_order_in_shrinking_blocks(ray_session: None) -> None:
+    videos = [VideoRow(f"id{i:02d}", f"s3://b/{i}.mp4", 100 + i, "" if i % 2 else f"e{i}") for i in range(20)]
+    windowed = [*videos[:19], replace(videos[19], window_s=(1.0, 2.5))]
+    dataset = video_dataset(videos)
+    blocks = [bundle.num_rows() for bundle in dataset.iter_internal_ref_bundles()]
+    assert blocks == block_sizes(20, 2 * 2)  # two decode tasks per CPU of the 2-CPU test cluster at a time
+    assert [r["video_id"] for r in dataset.take_all()] == [v.video_id for v in videos]
+    rows = video_dataset(windowed).take_all()
+    assert rows[19]["window_start_s"] == 1.0 and rows[19]["window_end_s"] == 2.5
+    assert np.isnan(rows[0]["window_start_s"]) and rows[0]["etag"] == "e0" and rows[1]["etag"] == ""
 
 
 def test_jobs_have_ray_data_take_task_outputs_in_its_loop_unless_the_user_chose(

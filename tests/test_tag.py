@@ -20,6 +20,7 @@ from deltalake import DeltaTable
 from flows import delta, storage, tables
 from flows import labels as flabels
 from flows.clips import list_video_rows
+from flows.predict import PredictConfig
 from jobs import cli, query, tag
 
 DATE = "2024-05-01"
@@ -232,9 +233,10 @@ def test_killed_run_then_rerun_equals_a_clean_run(
     assert killed, "".join(seen)[-2000:]
     assert tables.read_snapshot(crashed).run_id is None  # nothing of the killed night is visible
 
-    # The rerun's chunk goes to two writers (hash partitions of whole videos), the clean run's to one.
+    # The rerun's chunk goes to two writers (hash partitions of whole videos), the clean run's to one, and
+    # its clips to an inference actor pool rather than the decode tasks that predict on CPU by default.
     monkeypatch.setattr("jobs.tag.chunk.VIDEOS_PER_WRITER", 4)
-    tag.main(_config(str(local_corpus), crashed, tagging_model))
+    tag.main(_config(str(local_corpus), crashed, tagging_model, predict=PredictConfig(in_decode_tasks=False)))
     for name in tables.TABLES:
         assert _rows(crashed, name) == _rows(clean, name), name
     scratch = storage.join_uri(crashed, tag.SCRATCH)

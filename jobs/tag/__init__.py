@@ -12,9 +12,9 @@
    half committed, and plan again if a run committed meanwhile.
 4. Chunk by chunk (`--commit-every` videos, `--commit-minutes`, up to `--max-videos`), in Ray
    (`jobs.tag.chunk`): decode each video once in sliding windows at the models' input (CPU tasks), predict
-   every head in an actor pool, aggregate per video and write the six tables' files in the workers; the
-   driver commits the chunk to all six tables exactly once (`flows.table_writer`). A crash loses at most
-   the chunk under way.
+   every head (in those tasks on CPU, an actor pool on GPUs), aggregate per video and write the six tables'
+   files in the workers; the driver commits the chunk to all six tables exactly once (`flows.table_writer`).
+   A crash loses at most the chunk under way.
 5. Print a one-screen summary and record it, with a label-distribution plot, in an MLflow run.
 """
 
@@ -25,10 +25,12 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from flows import runs, storage, table_writer, tables
 from flows.inference import tagging_clip_config
+from flows.predict import ShippedModel
 from jobs.registered import DEFAULT_MLFLOW_DIR, RegisteredModel, load_models, resolve_versions
 from jobs.runtime import console
 from jobs.tag.chunk import ChunkOutcome, tag_chunk
@@ -149,6 +151,9 @@ def tag_in_chunks(
     """Decode, predict and commit the planned videos chunk by chunk, adding what each did to `summary`
     (`job_started_at`: the job's wall-clock start, for the time to its first predictions)."""
     clip_config = tagging_clip_config([m.spec for m in models], config.stride, config.decoder)
+    # Put in the object store once a night: every chunk's workers then load the same object, and a decode
+    # worker that predicted for one chunk keeps its models for the next (`flows.predict.process_predictor`).
+    models = [replace(m, module=ShippedModel.put(m.module)) for m in models]
     scratch = storage.join_uri(writer.tables_uri, SCRATCH, writer.job_run_id)
     cursor = plan.cursor(config.max_videos)
     size = config.commit_every if config.commit_minutes is None else FIRST_TIMED_CHUNK

@@ -3,9 +3,10 @@ files in the workers. The driver gets back only the files (what their Delta add 
 counts per block, and commits them (`flows.table_writer`).
 
 Prediction rows are hash-partitioned on `video_id` (`flows.inference.predictions_by_video`), so each block
-holds whole videos; one writer per block aggregates its videos and writes one file per table. Videos that
-gave no clip at all appear in no block: their rows (`videos` status failed, an error per model) come from
-one more task that reads the chunk's decode errors.
+holds whole videos; one writer per block aggregates its videos and writes one file per table. A chunk small
+enough for one writer hands it every prediction block at once instead (`flows.inference.merged_block`).
+Videos that gave no clip at all appear in no block: their rows (`videos` status failed, an error per model)
+come from one more task that reads the chunk's decode errors.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from flows.clips import ClipConfig, VideoRow
 from flows.inference import (
     Outputs,
     PredictionTimes,
+    merged_block,
+    prediction_dataset,
     predictions_by_video,
     summarize_video,
     videos_in_block,
@@ -106,16 +109,20 @@ def tag_chunk(
     cpus = int(ray.cluster_resources().get("CPU", 1))
     writers = max(1, min(math.ceil(len(plan.videos) / VIDEOS_PER_WRITER), cpus))
     started = time.time()
-    grouped = predictions_by_video(
-        plan.videos, models, clip_config, predict, errors_uri, writers, partial_uri
-    )
-    written = grouped.map_batches(
-        write_block, batch_size=None, batch_format="pyarrow", fn_kwargs={"context": context}
-    )
+    inputs = (plan.videos, models, clip_config, predict, errors_uri)
+    if writers == 1:
+        predictions = prediction_dataset(*inputs, partial_uri)
+        blocks = [ref for bundle in predictions.iter_internal_ref_bundles() for ref in bundle.block_refs]
+        written = ray.get(ray.remote(write_blocks).options(num_cpus=1).remote(context, *blocks)).to_pylist()
+    else:
+        grouped = predictions_by_video(*inputs, writers, partial_uri)
+        written = grouped.map_batches(
+            write_block, batch_size=None, batch_format="pyarrow", fn_kwargs={"context": context}
+        ).iter_rows()
     outcome = ChunkOutcome()
-    for row in written.iter_rows():
+    for row in written:
         outcome.add(row)
-    # After the shuffle every decode task has finished, so every error row is there to read.
+    # Every prediction is in by now, so every decode task has finished and written its error rows.
     failures = ray.remote(write_failures).options(num_cpus=1)
     outcome.add(ray.get(failures.remote(context)).to_pylist()[0])
     return outcome, started
@@ -141,6 +148,11 @@ def write_block(block: pa.Table, context: ChunkContext) -> pa.Table:
     stats = {"tagged": tagged, "failed": 0, "clips": block.num_rows, "labels": labels,
              "times": asdict(times) if times else None}  # fmt: skip
     return _written(rows, context, stats)
+
+
+def write_blocks(context: ChunkContext, *blocks: pa.Table) -> pa.Table:
+    """Ray task: `write_block` over every prediction block of the chunk at once (a chunk with one writer)."""
+    return write_block(merged_block(blocks), context)
 
 
 def write_failures(context: ChunkContext) -> pa.Table:
