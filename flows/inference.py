@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from flows.aggregate import AggregateConfig, VideoClips, VideoSummary, summarize
-from flows.clips import ClipConfig, VideoRow, clip_dataset, video_dataset
+from flows.clips import DECODE_TASK_CPUS, ClipConfig, VideoRow, clip_dataset, video_dataset
 from flows.predict import (
     PREDICTED_AT,
     ModelLoader,
@@ -25,6 +25,7 @@ from flows.predict import (
     output_column,
     predict_clip_stream,
     predict_dataset,
+    warm_workers,
 )
 from flows.side_outputs import read_errors
 
@@ -138,15 +139,20 @@ def prediction_dataset(
     partial_uri: str | None = None,
 ) -> Any:
     """Lazy Ray Dataset of every window's prediction rows (`flows.predict`'s columns beside the clip's),
-    predicted inside the decode tasks (CPU) or by an actor pool after them (GPUs)."""
+    predicted inside the decode tasks (CPU) or by an actor pool after them (GPUs). Inside the decode tasks,
+    all but one of the first tasks' workers start loading the models now (`flows.predict.warm_workers`)."""
+    import ray
+
     clips = functools.partial(clip_dataset, video_dataset(list(videos)), clip_config, errors_uri,
                               partial_uri=partial_uri)  # fmt: skip
     loaders = model_loaders(models)
-    if predict.predicts_in_decode_tasks():
-        threads = predict.threads or 1
-        return clips(then=functools.partial(predict_clip_stream, loaders=loaders,
-                                            batch_size=predict.batch_size, threads=threads))  # fmt: skip
-    return predict_dataset(clips(), loaders, predict)
+    if not predict.predicts_in_decode_tasks():
+        return predict_dataset(clips(), loaders, predict)
+    threads = predict.threads or 1
+    cpus = int(ray.cluster_resources().get("CPU", 1))  # a node runs a decode task per CPU
+    warm_workers(loaders, max(0, min(cpus, len(videos)) - 1), DECODE_TASK_CPUS, threads)
+    return clips(then=functools.partial(predict_clip_stream, loaders=loaders, batch_size=predict.batch_size,
+                                        threads=threads))  # fmt: skip
 
 
 # --- per-video aggregation in Ray ---------------------------------------------------------------------

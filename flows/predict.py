@@ -189,6 +189,24 @@ def process_predictor(loaders: Sequence[ModelLoader], threads: int = 1) -> ClipP
     return _process_predictor[1]
 
 
+def warm_workers(
+    loaders: Sequence[ModelLoader], workers: int, num_cpus: float, threads: int = 1
+) -> list[Any]:
+    """Load the models into `workers` idle Ray task workers (`process_predictor`), in tasks that reserve what
+    a decode task does; returns their references. Started with a dataset that predicts in its decode tasks,
+    they use the cores that Ray Data leaves idle in its first second (it runs one task until it has the
+    cluster's size), and the decode tasks after them take those workers (Ray reuses the worker idle last),
+    torch and the models already loaded."""
+    import ray
+
+    warm = ray.remote(_warm_worker).options(num_cpus=num_cpus)
+    return [warm.remote(list(loaders), threads) for _ in range(workers)]
+
+
+def _warm_worker(loaders: list[ModelLoader], threads: int) -> None:
+    process_predictor(loaders, threads)
+
+
 def predict_clip_stream(
     tables: Iterator[pa.Table], loaders: Sequence[ModelLoader], batch_size: int, threads: int = 1
 ) -> Iterator[dict[str, np.ndarray]]:

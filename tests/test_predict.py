@@ -17,6 +17,7 @@ from flows.predict import (
     ShippedModel,
     predict_clip_stream,
     process_predictor,
+    warm_workers,
 )
 from models import build
 
@@ -93,3 +94,22 @@ def test_a_worker_process_keeps_the_models_it_loaded_until_others_come(ray_sessi
     process_predictor([loader])
     process_predictor([loader])
     assert len(calls) == 2
+
+
+def test_warmed_workers_hold_the_models_for_the_decode_tasks_after_them(ray_session: None) -> None:
+    import ray
+
+    from flows.clips import DECODE_TASK_CPUS
+
+    shipped = ShippedModel.put(_model(2))
+    ray.get(warm_workers([shipped], 2, DECODE_TASK_CPUS))  # both CPUs of the test cluster
+
+    @ray.remote(num_cpus=DECODE_TASK_CPUS)
+    def loaded_keys() -> tuple[str, ...] | None:
+        from flows import predict
+
+        held = predict._process_predictor
+        return held[0] if held else None
+
+    # The next tasks, as a decode task would, take a worker idle last: one that loaded the models.
+    assert ray.get([loaded_keys.remote() for _ in range(2)]) == [(shipped.key,)] * 2
