@@ -26,7 +26,6 @@ from flows.clips import (
     ClipConfig,
     VideoRow,
     _Clip,
-    block_sizes,
     clip_dataset,
     corpus_clips,
     decode_video,
@@ -36,6 +35,7 @@ from flows.clips import (
 )
 from flows.side_outputs import PARTIAL_SCHEMA, read_errors
 from flows.tensor_parquet import binary_to_tensors
+from flows.video_rows import block_sizes
 from jobs import make_corpus
 
 # The fault-injecting decoder below runs on Ray workers (pickled by Ray's vendored cloudpickle) and in the
@@ -297,7 +297,7 @@ def test_clip_datasets_pass_on_small_blocks_and_leave_the_context(corpus: Path, 
     datasets of the job keep Ray's block size."""
     import ray.data
 
-    from flows.clips import CLIP_BLOCK_BYTES
+    from flows.video_rows import CLIP_BLOCK_BYTES
 
     default = ray.data.DataContext.get_current().target_max_block_size
     clips = clip_dataset(video_dataset(list_video_rows(str(corpus))), ClipConfig(), "/nonexistent-unused")
