@@ -22,6 +22,7 @@ from flows import decode, pyav_decoder, sampling, storage, subtitles
 from flows.isolation import shared_runner
 from flows.media import VideoError, VideoInfo
 from flows.probe import probe
+from flows.progress import report
 from flows.pyav_decoder import read_audio
 from flows.side_outputs import ErrorSink
 from flows.timeline import Timeline
@@ -337,10 +338,11 @@ def _clips_udf(
     decode_fn: DecodeFn,
     partial_uri: str | None,
     then: ClipStreamFn | None = None,
+    progress: Any | None = None,
 ) -> Iterator[Any]:
     """map_batches UDF: one video row in, its clips out a few at a time (bounded memory), or what `then`
     makes of them."""
-    tables = _clip_tables(batch, config, errors_uri, decode_fn, partial_uri)
+    tables = _clip_tables(batch, config, errors_uri, decode_fn, partial_uri, progress)
     yield from then(tables) if then is not None else tables
 
 
@@ -350,6 +352,7 @@ def _clip_tables(
     errors_uri: str,
     decode_fn: DecodeFn,
     partial_uri: str | None,
+    progress: Any | None = None,
 ) -> Iterator[pa.Table]:
     sink = ErrorSink(errors_uri)
     partial_sink = ErrorSink(partial_uri) if partial_uri else None
@@ -359,6 +362,7 @@ def _clip_tables(
             row = replace(row, window_s=(float(batch["window_start_s"][i]), float(batch["window_end_s"][i])))
         pending: list[dict[str, Any]] = []
         result = VideoResult(row)
+        failed = 0
         try:
             for clip in iter_video_clips(row, config, result, decode_fn=decode_fn):
                 pending.append(clip)
@@ -368,6 +372,7 @@ def _clip_tables(
         except VideoError as err:
             log.warning("%s: %s", err.error_type, err.message)
             sink.write(row, err, result.clips)
+            failed = 1
         else:
             if result.status_reason:
                 log.info("%s: partial: %s", row.uri, result.status_reason)
@@ -375,6 +380,7 @@ def _clip_tables(
                     partial_sink.partial(row, result.status_reason, result.clips)
         if pending:
             yield _clip_table(pending)
+        report(progress, videos=1, clips=result.clips, failed=failed)
 
 
 CLIPS_PER_OUTPUT_BATCH = 8
@@ -423,6 +429,7 @@ def clip_dataset(
     decode_fn: DecodeFn = decode_video,
     partial_uri: str | None = None,
     then: ClipStreamFn | None = None,
+    progress: Any | None = None,
 ) -> Any:
     """Ray Dataset of video rows → lazy Ray Dataset of clip rows; failures go to `errors_uri`, and the
     reasons of videos that gave clips from only part of themselves to `partial_uri` (`flows.side_outputs`).
@@ -433,7 +440,8 @@ def clip_dataset(
 
     `then` (picklable) runs inside each decode task on its stream of clip tables, and what it yields are the
     stage's rows instead: work fused into decoding, so that the clips never leave the process that decoded
-    them (CPU inference, `flows.inference`).
+    them (CPU inference, `flows.inference`). Each decode task adds the videos, clips and failed videos it
+    has done to `progress` (a `flows.progress` counter), when given.
     """
     return videos.map_batches(
         _clips_udf,
@@ -444,6 +452,7 @@ def clip_dataset(
             "decode_fn": decode_fn,
             "partial_uri": partial_uri,
             "then": then,
+            "progress": progress,
         },
         num_cpus=num_cpus,
     )
@@ -453,7 +462,13 @@ def corpus_clips(
     corpus_uri: str, config: ClipConfig, errors_uri: str, partial_uri: str | None = None
 ) -> tuple[Any, list[VideoRow]]:
     """List a corpus and return (lazy clip dataset, the listed videos)."""
+    videos = list_corpus(corpus_uri)
+    return clip_dataset(video_dataset(videos), config, errors_uri, partial_uri=partial_uri), videos
+
+
+def list_corpus(corpus_uri: str) -> list[VideoRow]:
+    """The corpus's videos; an error naming the corpus when it has none."""
     videos = list_video_rows(corpus_uri)
     if not videos:
         raise FileNotFoundError(f"{corpus_uri}: no video files found")
-    return clip_dataset(video_dataset(videos), config, errors_uri, partial_uri=partial_uri), videos
+    return videos

@@ -103,16 +103,15 @@ def run_inference(
     clip_config: ClipConfig,
     predict: PredictConfig,
     errors_uri: str,
+    progress: Any | None = None,
 ) -> Inference:
     """Decode `videos` into windows and predict them, gathering the per-clip outputs in this process: for a
     bounded set of videos (evaluation); the tag job aggregates in Ray (`predictions_by_video`).
 
-    `errors_uri` is a scratch location every worker can write (the decode error rows land there).
+    `errors_uri` is a scratch location every worker can write (the decode error rows land there); the decode
+    tasks count what they have done on `progress` (`flows.progress`).
     """
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # a step inside a job that reports itself
-    predictions = prediction_dataset(videos, models, clip_config, predict, errors_uri)
+    predictions = prediction_dataset(videos, models, clip_config, predict, errors_uri, progress=progress)
     batches = list(predictions.iter_batches(batch_format="pyarrow", batch_size=None))
     out = Inference()
     if batches:
@@ -137,14 +136,16 @@ def prediction_dataset(
     predict: PredictConfig,
     errors_uri: str,
     partial_uri: str | None = None,
+    progress: Any | None = None,
 ) -> Any:
     """Lazy Ray Dataset of every window's prediction rows (`flows.predict`'s columns beside the clip's),
     predicted inside the decode tasks (CPU) or by an actor pool after them (GPUs). Inside the decode tasks,
-    all but one of the first tasks' workers start loading the models now (`flows.predict.warm_workers`)."""
+    all but one of the first tasks' workers start loading the models now (`flows.predict.warm_workers`).
+    The decode tasks count the videos and clips they have done on `progress` (`flows.progress`)."""
     import ray
 
     clips = functools.partial(clip_dataset, video_dataset(list(videos)), clip_config, errors_uri,
-                              partial_uri=partial_uri)  # fmt: skip
+                              partial_uri=partial_uri, progress=progress)  # fmt: skip
     loaders = model_loaders(models)
     if not predict.predicts_in_decode_tasks():
         return predict_dataset(clips(), loaders, predict)
@@ -175,13 +176,14 @@ def predictions_by_video(
     errors_uri: str,
     blocks: int,
     partial_uri: str | None = None,
+    progress: Any | None = None,
 ) -> Any:
     """Lazy Ray Dataset of the videos' prediction rows hash-partitioned on `video_id` into `blocks` blocks,
     each holding every clip of its videos: a `map_batches(..., batch_size=None)` after it sees whole videos
     (`videos_in_block`), as Ray's own `map_groups` relies on. Decode errors go to `errors_uri` and partial
     videos' reasons to `partial_uri`; all of them are written before the first block comes out, since the
     shuffle waits for every prediction. For a single block, `merged_block` gathers them sooner."""
-    predictions = prediction_dataset(videos, models, clip_config, predict, errors_uri, partial_uri)
+    predictions = prediction_dataset(videos, models, clip_config, predict, errors_uri, partial_uri, progress)
     # Not `sort=True`: Ray 2.60's sorting reduce fails on a shuffle with no rows (every video failed to
     # decode), so `videos_in_block` sorts each block itself.
     return predictions.repartition(blocks, keys=["video_id"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -283,18 +284,28 @@ def predict_dataset(
     plus one column per model output)."""
     if not loaders:
         raise ValueError("predict: give at least one model")
+    from ray.util.annotations import RayDeprecationWarning
+
     options = pool_options(config)
-    return clips.map_batches(
-        ClipPredictor,
-        fn_constructor_kwargs={
-            "loaders": list(loaders),
-            "use_gpu": options["num_gpus"] > 0,
-            "threads": config.threads or max(1, round(options["num_cpus"])),
-        },
-        batch_size=config.batch_size,
-        batch_format="numpy",
-        **options,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 names no parameter for an actor's restarts; Ray Data's own code points at this keyword, the
+        # kind it deprecates in general (Ray 2.64).
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
+        return clips.map_batches(
+            ClipPredictor,
+            fn_constructor_kwargs={
+                "loaders": list(loaders),
+                "use_gpu": options["num_gpus"] > 0,
+                "threads": config.threads or max(1, round(options["num_cpus"])),
+            },
+            batch_size=config.batch_size,
+            batch_format="numpy",
+            # Ray Data hands each actor its UDF as an object-store argument, and Ray cannot promise to restart
+            # an actor built from one (ray-project/ray#53727; it logs an error for each). A lost actor fails
+            # the dataset instead, and the tag job runs that chunk again whole (`jobs.tag`'s chunk retry).
+            max_restarts=0,
+            **options,
+        )
 
 
 def pool_options(config: PredictConfig) -> dict[str, Any]:

@@ -97,6 +97,6 @@ def video_dataset(videos: list[VideoRow]) -> Any:
     default_block_bytes = context.target_max_block_size
     context.target_max_block_size = CLIP_BLOCK_BYTES
     try:
-        return ray.data.from_arrow(tables)
+        return ray.data.from_blocks(tables)
     finally:
         context.target_max_block_size = default_block_bytes

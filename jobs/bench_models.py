@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -117,9 +116,7 @@ def main(config: BenchModelsConfig) -> list[dict[str, Any]]:
     load = (load_before, os.getloadavg()[0])
     table = format_table(rows, config, threads, load)
     # Rich wraps to 80 columns when stderr is not a terminal; the table needs more.
-    (console if console.is_terminal else Console(stderr=True, width=140)).print(
-        _rich_table(rows, config, threads)
-    )
+    console.print(_rich_table(rows, config, threads), width=None if console.is_terminal else 140)
     if config.record:
         record(table, command_line(config))
     return rows

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 Command = Callable[[argparse.Namespace], int]
 EXIT_TEMPORARY = 75  # sysexits' EX_TEMPFAIL: try again later (an error with `temporary = True`)
@@ -274,10 +275,29 @@ def _import_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Subcommands(argparse._SubParsersAction):
+    """Subcommands that all take `-v/--verbose` too, so it may come before or after the command."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser = super().add_parser(name, **kwargs)
+        # SUPPRESS: given only before the command, the top-level value stands.
+        parser.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+        )
+        parser.register("action", "parsers", _Subcommands)
+        return parser
+
+
+VERBOSE_HELP = "show Ray's and the libraries' INFO lines on the console too"
+# Commands whose full log (INFO and above, Ray's included) goes to a file of their own.
+LOGGED_COMMANDS = ("demo", "train", "tag", "clips", "evaluate", "bench", "make-corpus")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="reelflow", description="Batch video analytics on Ray.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.register("action", "parsers", _Subcommands)
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("probe", help="print one JSON object of stream facts per video")
@@ -472,16 +492,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `reelflow` console command."""
+    from jobs import output
+    from jobs.runtime import choose_local_auth
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
-    )
+    logged = args.command in LOGGED_COMMANDS
+    if logged:
+        choose_local_auth()
+    log_dir = Path(args.workdir, "logs") if args.command == "demo" else None
+    log_file = output.setup(args.command, args.verbose, log_file=logged, log_dir=log_dir)
+    if log_file is not None:
+        # Shown with the job's first line: a command that fails on its arguments prints its one error line.
+        output.console.preamble = f"full log: {log_file}"
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, PermissionError) as err:
         from flows.storage import redact
 
-        print(f"reelflow {args.command}: error: {redact(str(err))}", file=sys.stderr)  # never a secret
+        message = f"reelflow {args.command}: error: {redact(str(err))}"  # never a secret
+        print(message, file=sys.stderr)
+        output.log_line(message)
         return 2
     except RuntimeError as err:
         if not getattr(err, "temporary", False):
@@ -489,6 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The tables' lease was held, or lost: the run holding them (or the one that took them over)
         # finishes the work, and the next run continues from what is committed.
         print(f"reelflow {args.command}: {err}", file=sys.stderr)
+        output.log_line(f"reelflow {args.command}: {err}")
         return EXIT_TEMPORARY
 
 

@@ -7,8 +7,9 @@ import time
 from dataclasses import dataclass, field
 
 from flows import storage, tensor_parquet
-from flows.clips import DECODE_TASK_CPUS, ClipConfig, corpus_clips
+from flows.clips import DECODE_TASK_CPUS, ClipConfig, clip_dataset, list_corpus, video_dataset
 from flows.side_outputs import PARTIAL_SCHEMA, read_errors
+from jobs.output import stage
 from jobs.runtime import console, init_ray
 
 
@@ -47,10 +48,13 @@ def main(config: ClipsJobConfig) -> ClipsSummary:
             storage.remove(stale, recursive=True)
 
     started = time.perf_counter()
-    clips, videos = corpus_clips(config.corpus, config.clips, errors_uri, partial_uri)
+    videos = list_corpus(config.corpus)
     console.print(f"[bold]clips[/]: {len(videos)} videos under {config.corpus} → {config.out}")
     fs, path = storage.arrow_filesystem(clips_uri)
-    tensor_parquet.write_parquet(clips, path, filesystem=fs, num_cpus=DECODE_TASK_CPUS)
+    with stage("decode", total=len(videos), remote=True) as shown:
+        rows = video_dataset(videos)
+        clips = clip_dataset(rows, config.clips, errors_uri, partial_uri=partial_uri, progress=shown.counter)
+        tensor_parquet.write_parquet(clips, path, filesystem=fs, num_cpus=DECODE_TASK_CPUS)
     seconds = time.perf_counter() - started
 
     n_clips = _count_rows(clips_uri)

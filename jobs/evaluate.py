@@ -28,6 +28,7 @@ from flows.clips import VideoRow, list_video_rows
 from flows.inference import run_inference, tagging_clip_config
 from flows.predict import PredictConfig
 from jobs import evaluation
+from jobs.output import stage
 from jobs.registered import DEFAULT_MLFLOW_DIR, resolve_models
 from jobs.runtime import console
 
@@ -78,8 +79,11 @@ def main(config: EvaluateConfig, videos: Sequence[str] | None = None) -> dict[st
     console.print(f"evaluate: {model.uri} on {len(rows)} labelled videos of {config.corpus}{scope}")
 
     init_ray()
-    with tempfile.TemporaryDirectory(prefix="reelflow-evaluate-") as tmp:
-        result = run_inference(rows, [model], clip_config, config.predict, tmp)
+    with (
+        tempfile.TemporaryDirectory(prefix="reelflow-evaluate-") as tmp,
+        stage("evaluate", total=len(rows), remote=True) as shown,
+    ):
+        result = run_inference(rows, [model], clip_config, config.predict, tmp, progress=shown.counter)
     by_file = {flabels.relative_file(r.uri, config.corpus): r.video_id for r in rows}
     summaries: dict[str, VideoSummary] = {}
     for file, vid in by_file.items():

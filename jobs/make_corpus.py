@@ -36,11 +36,10 @@ import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from flows import storage
 from flows.labels import ACTION_TYPE, HIGHLIGHT_TYPE
+from jobs.output import console, stage
 
 CATEGORIES = ("ball_sports", "traffic", "nature", "cooking", "music")
 SENTIMENTS = ("negative", "neutral", "positive")
@@ -680,14 +679,11 @@ def main(config: CorpusConfig) -> str:
     # S3 gets a finished local tree in one upload; a local folder is written in place.
     staging = Path(tempfile.mkdtemp(prefix="reelflow-corpus-") if remote else out)
     staging.mkdir(parents=True, exist_ok=True)
-    console = Console(stderr=True)
     plans = [plan_video(config, i) for i in range(config.videos)]
     written = {LABELS_FILE, BROKEN_FILE}
     broken_rows = []
     try:
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=console, disable=not config.progress) as progress:
-            task = progress.add_task("make-corpus", total=config.videos + config.broken)
+        with stage("make-corpus", total=config.videos + config.broken, quiet=not config.progress) as progress:
             write = functools.partial(write_video, config=config, folder=str(staging))
             with contextlib.ExitStack() as stack:
                 if config.processes > 1:
@@ -699,14 +695,14 @@ def main(config: CorpusConfig) -> str:
                     files = map(write, plans)
                 for names in files:
                     written.update(names)
-                    progress.advance(task)
+                    progress.add(videos=1)
             for k in range(config.broken):
                 kind, ext, data = broken_bytes(config, k)
                 name = f"broken_{k:03d}{ext}"
                 (staging / name).write_bytes(data)
                 written.add(name)
                 broken_rows.append({"file": name, "kind": kind, "size_bytes": len(data)})
-                progress.advance(task)
+                progress.add(videos=1)
         pq.write_table(pa.Table.from_pylist(broken_rows, schema=BROKEN_SCHEMA), staging / BROKEN_FILE)
         # labels.parquet goes last: its presence says the videos it lists are all there.
         if remote:

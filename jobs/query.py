@@ -29,11 +29,13 @@ import duckdb
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from rich import box
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
 from flows import runs, storage, tables
+from jobs.output import job_console
 
 T = TypeVar("T")
 Format = Literal["table", "csv", "json", "parquet"]
@@ -41,7 +43,7 @@ FORMATS: tuple[str, ...] = ("table", "csv", "json", "parquet")
 # Where `reelflow demo` keeps its tables; REELFLOW_TABLES points the reports elsewhere.
 DEFAULT_TABLES = os.environ.get("REELFLOW_TABLES", "reelflow-demo/tables")
 
-out_console = Console()
+out_console = job_console(stderr=False)
 
 
 class QueryError(ValueError):
@@ -240,6 +242,7 @@ def show(table: Table) -> None:
     if out_console.is_terminal:
         out_console.print(table)
         return
+    table.box = box.ASCII  # logs and files get no box-drawing characters
     need = Measurement.get(out_console, out_console.options.update_width(10_000), table).maximum
     Console(width=max(need, out_console.width)).print(table)
 

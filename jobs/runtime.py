@@ -1,14 +1,13 @@
-"""Process-level set-up shared by the jobs: Ray start-up and the console."""
+"""Process-level set-up shared by the jobs: Ray start-up (and the console, from `jobs.output`)."""
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
-from rich.console import Console
+from jobs.output import adopt_loggers, console, start_progress
 
-console = Console(stderr=True)
+__all__ = ["choose_local_auth", "console", "init_ray"]
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
@@ -21,17 +20,41 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
     in this process's environment.
     """
     import ray
+    import ray.data
 
     _inline_metadata_fetch()
+    _quiet_ray_data()
     if ray.is_initialized():
         return ray
+    # Ray's records go to the handlers `jobs.output.setup` installed: WARNING on the console (INFO with
+    # --verbose), INFO in the run's log file. The workers' output stays in Ray's session logs.
+    adopt_loggers("ray", "ray.data")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    logging.getLogger("ray").setLevel(logging.WARNING)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_progress()
     return ray
+
+
+def choose_local_auth() -> None:
+    """Call before Ray is imported (Ray reads the setting once): a local Ray that this process starts keeps
+    Ray's default, token authentication, chosen here explicitly, so Ray prints no notice about choosing it.
+    A cluster named by RAY_ADDRESS keeps its own setting."""
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def _quiet_ray_data() -> None:
+    """Turn off Ray Data's progress bars: the jobs show their own, one per stage (`jobs.output.stage`), with
+    videos, clips and ETA rather than blocks per operator. Ray Data warns once that its bars are off; that is
+    this choice, so its notice is marked as given."""
+    import ray.data
+    from ray.util.debug import log_once
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")
 
 
 # Ray Data's executor takes a finished task's outputs on a background thread by default and frees its

@@ -49,6 +49,14 @@ ODD_KEYS = [
 ]  # fmt: skip
 
 
+@pytest.fixture(scope="session", autouse=True)
+def job_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the commands run by the tests write their log files: a temporary folder, not the home folder."""
+    folder = tmp_path_factory.mktemp("job-logs")
+    os.environ["REELFLOW_LOG_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def shared_videos() -> Path:
     """The real clips of ../shared/videos (read-only)."""

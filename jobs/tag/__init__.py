@@ -31,6 +31,7 @@ from typing import Any
 from flows import runs, storage, table_writer, tables
 from flows.inference import tagging_clip_config
 from flows.predict import ShippedModel
+from jobs.output import stage
 from jobs.registered import DEFAULT_MLFLOW_DIR, RegisteredModel, load_models, resolve_versions
 from jobs.runtime import console
 from jobs.tag.chunk import ChunkOutcome, tag_chunk
@@ -159,44 +160,46 @@ def tag_in_chunks(
     size = config.commit_every if config.commit_minutes is None else FIRST_TIMED_CHUNK
     size = min(size, config.commit_every)
     first_at: float | None = None
-    for index in itertools.count():
-        parts = cursor.take(size)
-        if not parts:
-            break
-        chunk_started = time.perf_counter()
-        chunk = ChunkPlan.read(parts, models)
-        console.print(f"chunk {index + 1}: tagging {len(chunk.videos)} videos")
-        errors_uri = storage.join_uri(scratch, f"chunk-{index + 1}", "errors")
-        outcome, inference_started = _tag_chunk_retrying(
-            chunk, models, clip_config, config.predict, config.aggregate, tables_uri=writer.tables_uri,
-            job_run_id=writer.job_run_id, run_date=writer.run_date, errors_uri=errors_uri,
-            partial_uri=storage.join_uri(scratch, f"chunk-{index + 1}", "partial"),
-        )  # fmt: skip
-        committed = writer.commit_chunk(outcome.files, chunk.removals(models, full=config.full) or None)
-        storage.remove(storage.join_uri(scratch, f"chunk-{index + 1}"), recursive=True)
-        if outcome.times is not None and first_at is None:  # start-up: until the first predictions
-            first_at = outcome.times.first_at
-            summary.startup_s = first_at - inference_started
-            summary.first_prediction_s = first_at - job_started_at
-            steady_s = outcome.times.last_at - first_at
-            summary.steady_clips_per_s = (
-                (outcome.clips - outcome.times.first_clips) / steady_s if steady_s else 0
-            )
-        summary.decoded += len(chunk.videos)
-        summary.tagged += outcome.tagged
-        summary.failed += outcome.failed
-        summary.retried += len(chunk.retried_videos)
-        summary.clips += outcome.clips
-        summary.chunks += 1
-        for name, n in (committed.rows if committed else {}).items():
-            summary.rows[name] = summary.rows.get(name, 0) + n
-        for panel, counts in outcome.labels.items():
-            summary.label_counts.setdefault(panel, Counter()).update(counts)
-        if index or cursor.left:
-            console.print(f"chunk {index + 1} committed: {len(chunk.videos)} videos, {cursor.left} left")
-        if config.commit_minutes is not None:  # the next chunk should take about commit_minutes
-            rate = len(chunk.videos) / max(time.perf_counter() - chunk_started, 1e-3)
-            size = max(1, min(config.commit_every, int(rate * config.commit_minutes * 60)))
+    with stage("tag", total=cursor.left, remote=True) as shown:
+        for index in itertools.count():
+            parts = cursor.take(size)
+            if not parts:
+                break
+            chunk_started = time.perf_counter()
+            chunk = ChunkPlan.read(parts, models)
+            console.print(f"chunk {index + 1}: tagging {len(chunk.videos)} videos")
+            errors_uri = storage.join_uri(scratch, f"chunk-{index + 1}", "errors")
+            outcome, inference_started = _tag_chunk_retrying(
+                chunk, models, clip_config, config.predict, config.aggregate, tables_uri=writer.tables_uri,
+                job_run_id=writer.job_run_id, run_date=writer.run_date, errors_uri=errors_uri,
+                partial_uri=storage.join_uri(scratch, f"chunk-{index + 1}", "partial"),
+                progress=shown.counter,
+            )  # fmt: skip
+            committed = writer.commit_chunk(outcome.files, chunk.removals(models, full=config.full) or None)
+            storage.remove(storage.join_uri(scratch, f"chunk-{index + 1}"), recursive=True)
+            if outcome.times is not None and first_at is None:  # start-up: until the first predictions
+                first_at = outcome.times.first_at
+                summary.startup_s = first_at - inference_started
+                summary.first_prediction_s = first_at - job_started_at
+                steady_s = outcome.times.last_at - first_at
+                summary.steady_clips_per_s = (
+                    (outcome.clips - outcome.times.first_clips) / steady_s if steady_s else 0
+                )
+            summary.decoded += len(chunk.videos)
+            summary.tagged += outcome.tagged
+            summary.failed += outcome.failed
+            summary.retried += len(chunk.retried_videos)
+            summary.clips += outcome.clips
+            summary.chunks += 1
+            for name, n in (committed.rows if committed else {}).items():
+                summary.rows[name] = summary.rows.get(name, 0) + n
+            for panel, counts in outcome.labels.items():
+                summary.label_counts.setdefault(panel, Counter()).update(counts)
+            if index or cursor.left:
+                console.print(f"chunk {index + 1} committed: {len(chunk.videos)} videos, {cursor.left} left")
+            if config.commit_minutes is not None:  # the next chunk should take about commit_minutes
+                rate = len(chunk.videos) / max(time.perf_counter() - chunk_started, 1e-3)
+                size = max(1, min(config.commit_every, int(rate * config.commit_minutes * 60)))
     storage.remove(scratch, recursive=True)
 
 

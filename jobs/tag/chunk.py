@@ -97,9 +97,10 @@ def tag_chunk(
     run_date: dt.date,
     errors_uri: str,
     partial_uri: str,
+    progress: Any | None = None,
 ) -> tuple[ChunkOutcome, float]:
     """Tag the chunk's videos and write their rows as uncommitted files; returns what was written and the
-    wall-clock time inference started at."""
+    wall-clock time inference started at. The decode tasks count their videos and clips on `progress`."""
     import ray
 
     writers_models = [replace(m, module=None, spec=Outputs.of(m.spec)) for m in models]
@@ -111,11 +112,11 @@ def tag_chunk(
     started = time.time()
     inputs = (plan.videos, models, clip_config, predict, errors_uri)
     if writers == 1:
-        predictions = prediction_dataset(*inputs, partial_uri)
+        predictions = prediction_dataset(*inputs, partial_uri, progress=progress)
         blocks = [ref for bundle in predictions.iter_internal_ref_bundles() for ref in bundle.block_refs]
         written = ray.get(ray.remote(write_blocks).options(num_cpus=1).remote(context, *blocks)).to_pylist()
     else:
-        grouped = predictions_by_video(*inputs, writers, partial_uri)
+        grouped = predictions_by_video(*inputs, writers, partial_uri, progress=progress)
         written = grouped.map_batches(
             write_block, batch_size=None, batch_format="pyarrow", fn_kwargs={"context": context}
         ).iter_rows()

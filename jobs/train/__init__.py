@@ -32,9 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,6 +80,7 @@ class TrainResult:
 def main(config: TrainConfig) -> TrainResult:
     """Run the whole job; returns the registered model and its figures."""
     from jobs import tracking
+    from jobs.output import stage, training_detail
     from jobs.runtime import console, init_ray
 
     plan = plan_run(config)
@@ -114,15 +113,12 @@ def main(config: TrainConfig) -> TrainResult:
     _log_split(run_id, plan, tracking_uri)
 
     init_ray(config.scaling.ray_address)
-    # Ray Data logs each dataset's plan and progress at INFO; the job prints its own summary lines.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         data = prepare_data(config, plan, aug)
         if data.errors:
             console.print(f"[yellow]{data.errors} videos could not be decoded (see {config.run_uri}/errors)")
-        started = time.perf_counter()
-        result = _fit(config, plan, aug, data, run_id, tracking_uri)
-        console.print(f"train: fit took {time.perf_counter() - started:.0f} s")
+        with stage("train", done_key="step", detail=training_detail, remote=True) as shown:
+            result = _fit(config, plan, aug, data, run_id, tracking_uri, shown.counter)
         model_uri, metrics = _register(config, plan, result, run_id, tracking_uri)
         evaluation = (
             _evaluate(config, plan, model_uri, run_id, tracking_uri) if config.mlflow.evaluate else {}
@@ -174,7 +170,13 @@ def _log_split(run_id: str, plan: Plan, tracking_uri: str) -> None:
 
 
 def _fit(
-    config: TrainConfig, plan: Plan, aug: Augment, data: TrainData, run_id: str, tracking_uri: str
+    config: TrainConfig,
+    plan: Plan,
+    aug: Augment,
+    data: TrainData,
+    run_id: str,
+    tracking_uri: str,
+    progress: Any | None = None,
 ) -> Any:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -195,6 +197,7 @@ def _fit(
             "run_id": run_id,
             "tracking_uri": tracking_uri,
             "train_clips": data.train_clips,
+            "progress": progress,  # a flows.progress counter: rank 0 reports epoch, step, loss
         },
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(

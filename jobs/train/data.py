@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -55,10 +55,13 @@ def model_columns(spec: Any) -> list[str]:
     return columns
 
 
-def labelled_clips(rows: Sequence[VideoRow], clips: ClipConfig, plan: Plan, errors_uri: str) -> Any:
-    """Lazy dataset: decode the videos' clips and add their per-frame targets."""
+def labelled_clips(
+    rows: Sequence[VideoRow], clips: ClipConfig, plan: Plan, errors_uri: str, progress: Any | None = None
+) -> Any:
+    """Lazy dataset: decode the videos' clips and add their per-frame targets (the decode tasks count what
+    they did on `progress`, a `flows.progress` counter)."""
     videos = {plan.manifest_file(r): plan.manifest.videos[plan.manifest_file(r)] for r in rows}
-    ds = clip_dataset(video_dataset(list(rows)), clips, errors_uri)
+    ds = clip_dataset(video_dataset(list(rows)), clips, errors_uri, progress=progress)
     return ds.map_batches(
         flabels.attach_targets,
         batch_size=None,
@@ -81,15 +84,17 @@ def prepare_data(config: TrainConfig, plan: Plan, aug: Augment) -> TrainData:
     train_clips, val_clips = clip_configs(config, plan.spec, aug)
     errors_uri = storage.join_uri(config.run_uri, "errors")
     columns = model_columns(plan.spec)
-    train = labelled_clips(plan.train_rows, train_clips, plan, errors_uri)
-    val = labelled_clips(plan.val_rows, val_clips, plan, errors_uri)
+    train_of = functools.partial(labelled_clips, plan.train_rows, train_clips, plan, errors_uri)
+    val_of = functools.partial(labelled_clips, plan.val_rows, val_clips, plan, errors_uri)
+    train, val = train_of(), val_of()
     n_train = len(plan.train_rows) * config.data.clips_per_video
     if config.data.cache:
         cache = storage.join_uri(config.run_uri, "cache")
         key = _cache_key(config, plan, train_clips, val_clips)
         marker = storage.join_uri(cache, "COMPLETE.json")
         if not (storage.exists(marker) and json.loads(storage.read_bytes(marker)).get("key") == key):
-            _write_cache(cache, marker, key, {"train": train, "validation": val}, columns)
+            splits = {"train": (train_of, len(plan.train_rows)), "validation": (val_of, len(plan.val_rows))}
+            _write_cache(cache, marker, key, splits, columns)
         counts = json.loads(storage.read_bytes(marker))["rows"]
         n_train = counts["train"]
         # Files in a new order every epoch; the workers' shuffle buffers mix clips across videos.
@@ -122,20 +127,27 @@ def _cache_key(config: TrainConfig, plan: Plan, *clip_configs: ClipConfig) -> st
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _write_cache(cache: str, marker: str, key: str, datasets: Mapping[str, Any], columns: list[str]) -> None:
-    from jobs.runtime import console
+def _write_cache(
+    cache: str,
+    marker: str,
+    key: str,
+    splits: Mapping[str, tuple[Callable[..., Any], int]],
+    columns: list[str],
+) -> None:
+    """Decode each split (its dataset made by `dataset_of(progress=…)`, over `videos` videos) into Parquet,
+    one progress display per split."""
+    from jobs.output import stage
 
     if storage.exists(cache):
         storage.remove(cache, recursive=True)
     rows = {}
-    for name, ds in datasets.items():
-        started = time.perf_counter()
+    for name, (dataset_of, videos) in splits.items():
         uri = storage.join_uri(cache, name)
         fs, path = storage.arrow_filesystem(uri)
-        selected = ds.select_columns([*columns, "file"])
-        tensor_parquet.write_parquet(selected, path, filesystem=fs, num_cpus=DECODE_TASK_CPUS)
+        with stage(f"decode {name} clips", total=videos, remote=True) as shown:
+            selected = dataset_of(progress=shown.counter).select_columns([*columns, "file"])
+            tensor_parquet.write_parquet(selected, path, filesystem=fs, num_cpus=DECODE_TASK_CPUS)
         rows[name] = _parquet_rows(uri)
-        console.print(f"train: cached {rows[name]} {name} clips in {time.perf_counter() - started:.1f} s")
     # Written last: a cache without its marker (a crash mid-write) is rebuilt.
     storage.write_bytes(marker, json.dumps({"key": key, "rows": rows}).encode())
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import tempfile
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from flows import labels as flabels
+from flows.progress import report_values
 from flows.transforms import Augment, audio_crop, augment
 from jobs.config import redact
 from jobs.train import balance as tbalance
@@ -100,6 +102,9 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     use_bf16 = device.type == "cuda" and config.scaling.bf16
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
+    shown = _ShownProgress(loop_config.get("progress") if rank == 0 else None, config.optim.epochs,
+                           schedule.total, world)  # fmt: skip
+    shown.starting(state)
     last: dict[str, float] = state.history[-1] if state.history else {}
     for epoch in range(state.epoch, config.optim.epochs):
         started = time.perf_counter()
@@ -114,9 +119,11 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             local_shuffle_seed=config.seed + 1000 * epoch + rank,
             drop_last=True,
         )
+        on_batch = functools.partial(shown.batch, epoch, state, started)
         train_metrics = train_epoch(ddp, optimizer, batches, config, labels, aug, schedule, state, device,
-                                    generator, use_bf16, balancer)  # fmt: skip
+                                    generator, use_bf16, balancer, on_batch)  # fmt: skip
         train_seconds = time.perf_counter() - started
+        shown.validating(epoch, state)
         val_batches = val_shard.iter_torch_batches(batch_size=config.data.batch_size, collate_fn=collate)
         val_metrics, report = validate(_unwrap(ddp), val_batches, config, labels, heads, device, use_bf16)
         state.epoch = epoch + 1
@@ -202,11 +209,13 @@ def train_epoch(
     generator: torch.Generator,
     use_bf16: bool,
     balancer: tbalance.TaskBalancer | None = None,
+    on_batch: Callable[[int, float], None] | None = None,
 ) -> dict[str, float]:
     """One pass over this worker's shard; returns this worker's mean losses and clip count.
 
     `balancer` makes the loss that trains (default: the config's fixed weighted sum); its learned
-    parameters, if any, must be in `optimizer`. `train_loss` stays the configured weighted sum either way."""
+    parameters, if any, must be in `optimizer`. `train_loss` stays the configured weighted sum either way.
+    `on_batch(clips, mean_loss)` hears, after each batch, this worker's clips and mean loss so far."""
     module = _unwrap(model)
     weights = config.tasks.weights()
     balancer = balancer if balancer is not None else tbalance.TaskBalancer(weights)
@@ -241,6 +250,8 @@ def train_epoch(
         sums["train_loss"] = sums.get("train_loss", 0.0) + float(total.detach()) * n
         for task, loss in losses.items():
             sums[f"train_loss_{task}"] = sums.get(f"train_loss_{task}", 0.0) + float(loss.detach()) * n
+        if on_batch is not None:
+            on_batch(clips, sums["train_loss"] / clips)
     if micro % accum:  # the epoch's last, partial accumulation group (same count on every worker)
         balancer.all_reduce_grads()
         _step(model, optimizer, schedule, state, config.optim.grad_clip)
@@ -317,6 +328,34 @@ def load_checkpoint(
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
+
+
+class _ShownProgress:
+    """What rank 0 tells the driver's progress display (`flows.progress`): epoch, step, running loss and
+    clips/s, at most twice a second."""
+
+    def __init__(self, counter: Any | None, epochs: int, total_steps: int, world: int) -> None:
+        self.counter, self.epochs, self.total_steps, self.world = counter, epochs, total_steps, world
+        self.last = 0.0
+
+    def batch(self, epoch: int, state: TrainState, started: float, clips: int, loss: float) -> None:
+        now = time.perf_counter()
+        if self.counter is None or now - self.last < 0.5:
+            return
+        self.last = now
+        rate = clips * self.world / max(now - started, 1e-9)
+        where = self._where(epoch, state)
+        report_values(self.counter, **where, loss=loss, clips_per_s=rate, phase="training")
+
+    def starting(self, state: TrainState) -> None:
+        """Where this attempt starts: epochs done (all of them, for a finished run resumed)."""
+        report_values(self.counter, **self._where(state.epoch - 1, state), phase="starting")
+
+    def validating(self, epoch: int, state: TrainState) -> None:
+        report_values(self.counter, **self._where(epoch, state), phase="validating")
+
+    def _where(self, epoch: int, state: TrainState) -> dict[str, int]:
+        return {"epoch": epoch + 1, "epochs": self.epochs, "step": state.step, "total": self.total_steps}
 
 
 class _Tracker:
