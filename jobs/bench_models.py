@@ -26,6 +26,7 @@ from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
 from jobs.benchmarks import BENCHMARKS_FILE, machine_line
+from jobs.output import JobConsole
 from jobs.runtime import console
 from models import MODELS, build, fuse_for_inference
 from models.spec import example_input
@@ -116,7 +117,8 @@ def main(config: BenchModelsConfig) -> list[dict[str, Any]]:
     load = (load_before, os.getloadavg()[0])
     table = format_table(rows, config, threads, load)
     # Rich wraps to 80 columns when stderr is not a terminal; the table needs more.
-    console.print(_rich_table(rows, config, threads), width=None if console.is_terminal else 140)
+    wide = console if console.is_terminal else JobConsole(stderr=True, width=140)
+    wide.print(_rich_table(rows, config, threads))
     if config.record:
         record(table, command_line(config))
     return rows

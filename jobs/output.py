@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -249,8 +249,6 @@ class Stage:
         with self._lock:
             for key, n in counts.items():
                 self._local[key] = self._local.get(key, 0) + n
-        if self._progress is not None:
-            self._render()
 
     def __enter__(self) -> Stage:
         self._started = time.monotonic()
@@ -292,7 +290,7 @@ class Stage:
             self._progress.stop()
         outcome = "done" if exc_type is None else "failed"
         elapsed = clock(time.monotonic() - self._started)
-        self._say(f"{self.name}: {outcome} in {elapsed}: {self.detail(self.values, self._total())}")
+        self._say(f"{self.name}: {outcome} in {elapsed}: {self._detail()}")
 
     def _say(self, line: str) -> None:
         """A stage line: on the console without a terminal (a bar shows it there), in the log file always."""
@@ -321,45 +319,45 @@ class Stage:
         with self._lock:
             for key, n in self._local.items():
                 values[key] = values.get(key, 0) + n
-            if "clips" in values and "clips_per_s" not in values:  # end to end, from the stage's start
-                values["clips_per_s"] = values["clips"] / max(time.monotonic() - self._started, 1e-3)
             self.values = values
 
     def _read_settled(self) -> None:
         """The final counts: the tasks' last reports may still be on their way when the stage's work is."""
         for _ in range(5):
-            before = dict(self.values)
+            before = self.values
             self._read()
-            if {k: v for k, v in self.values.items() if k != "clips_per_s"} == {
-                k: v for k, v in before.items() if k != "clips_per_s"
-            }:
+            if self.values == before:
                 return
             time.sleep(0.1)
+
+    def _done(self) -> float:
+        return float(self.values.get(self.done_key, 0) or 0)
 
     def _total(self) -> float | None:
         return self.total or self.values.get("total")
 
+    def _detail(self) -> str:
+        """The counts in words; clips/s end to end from the stage's start, unless the workers report it."""
+        values = self.values
+        if "clips" in values and "clips_per_s" not in values:
+            values = {**values, "clips_per_s": values["clips"] / max(time.monotonic() - self._started, 1e-3)}
+        return self.detail(values, self._total())
+
     def _eta(self) -> str:
-        done, total = float(self.values.get(self.done_key, 0) or 0), self._total()
+        done, total = self._done(), self._total()
         if not done or not total:
             return "unknown"
         elapsed = time.monotonic() - self._started
         return clock(elapsed / done * max(total - done, 0))
 
     def _line(self) -> str:
-        return f"{self.name}: {self.detail(self.values, self._total())}, ETA {self._eta()}"
+        return f"{self.name}: {self._detail()}, ETA {self._eta()}"
 
     def _render(self) -> None:
         assert self._progress is not None
-        self._progress.update(
-            self._task,
-            completed=float(self.values.get(self.done_key, 0) or 0),
-            total=self._total(),
-            detail=self.detail(self.values, self._total()),
-        )
+        self._progress.update(self._task, completed=self._done(), total=self._total(), detail=self._detail())
 
 
-@contextlib.contextmanager
 def stage(
     name: str,
     total: float | None = None,
@@ -367,16 +365,15 @@ def stage(
     detail: Callable[[Mapping[str, Any], float | None], str] = video_detail,
     remote: bool = False,
     quiet: bool = False,
-) -> Iterator[Stage]:
-    """A stage's progress display for the `with` block (none when `quiet`); with `remote`, its `counter` (a
+) -> Stage:
+    """A stage's progress display, for a `with` block (none when `quiet`); with `remote`, its `counter` (a
     `flows.progress.StageCounter`, Ray initialized) is what the stage's tasks report to."""
     counter = None
     if remote:
         from flows.progress import StageCounter
 
         counter = StageCounter(start_progress(), f"{name}-{next(_stage_numbers)}")
-    with Stage(name, total, done_key, detail, counter, quiet) as shown:
-        yield shown
+    return Stage(name, total, done_key, detail, counter, quiet)
 
 
 _stage_numbers = itertools.count(1)

@@ -29,13 +29,12 @@ import duckdb
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from rich import box
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
 from flows import runs, storage, tables
-from jobs.output import job_console
+from jobs.output import JobConsole, job_console
 
 T = TypeVar("T")
 Format = Literal["table", "csv", "json", "parquet"]
@@ -242,9 +241,8 @@ def show(table: Table) -> None:
     if out_console.is_terminal:
         out_console.print(table)
         return
-    table.box = box.ASCII  # logs and files get no box-drawing characters
     need = Measurement.get(out_console, out_console.options.update_width(10_000), table).maximum
-    Console(width=max(need, out_console.width)).print(table)
+    JobConsole(width=max(need, out_console.width)).print(table)
 
 
 def render_text(result: pa.Table, title: str | None = None) -> str:
