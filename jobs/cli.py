@@ -1,188 +1,18 @@
-"""The `reelflow` command: one subcommand per job. Heavy imports happen inside each command."""
+"""The `reelflow` command: its arguments, one subcommand per job (`jobs.commands` runs each), and the logging
+and exit codes around them."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-Command = Callable[[argparse.Namespace], int]
+from jobs import commands
+
 EXIT_TEMPORARY = 75  # sysexits' EX_TEMPFAIL: try again later (an error with `temporary = True`)
 TRUST_PICKLE_HELP = "load versions an older reelflow pickled (runs their code; see `reelflow models convert`)"
-
-
-def _probe(args: argparse.Namespace) -> int:
-    from flows import storage
-    from flows.isolation import shared_runner
-    from flows.media import VideoError
-
-    def probe_one(uri: str) -> dict:
-        out: dict = {"uri": uri, "ok": False, "error": None}
-        try:
-            with storage.local_copy(uri) as path:
-                (info,) = list(shared_runner().iter(_probe_in_child, path, timeout_s=args.timeout))
-            out.update(ok=True, **{k: getattr(info, k) for k in PROBE_FIELDS})
-        except VideoError as err:
-            out["error"] = f"{err.error_type}: {err.message}"
-        except OSError as err:
-            out["error"] = f"{type(err).__name__}: {err}"
-        return out
-
-    failed = 0
-    for uri in args.uris:
-        targets = [obj.uri for obj in storage.list_videos(uri)] if storage.is_dir(uri) else [uri]
-        for target in targets:
-            row = probe_one(target)
-            failed += not row["ok"]
-            print(json.dumps(row), flush=True)
-    return 1 if failed and args.strict else 0
-
-
-PROBE_FIELDS = (
-    "container", "video_codec", "width", "height", "rotation", "fps",
-    "n_frames", "duration_s", "has_audio", "audio_sample_rate",
-)  # fmt: skip
-
-
-def _probe_in_child(path: str):
-    from flows.probe import probe
-
-    yield probe(path)
-
-
-def _make_corpus(args: argparse.Namespace) -> int:
-    from jobs import make_corpus
-
-    config = make_corpus.CorpusConfig(
-        out=args.out,
-        videos=args.videos,
-        seed=args.seed,
-        broken=args.broken,
-        size=args.size,
-        duration_s=args.duration,
-        fps=args.fps,
-        audio=not args.no_audio,
-        subtitle_fraction=args.subtitle_fraction,
-        workers=args.workers,
-    )
-    print(make_corpus.main(config))
-    return 0
-
-
-def _clip_config(args: argparse.Namespace):
-    from flows.clips import ClipConfig
-
-    sampling = args.sampling or ("sliding" if args.stride else "uniform")
-    return ClipConfig(
-        clip_len=args.clip_len,
-        size=(args.size, args.size),
-        sampling=sampling,
-        clips_per_video=args.clips_per_video or 4,
-        stride=args.stride,
-        target_fps=args.fps,
-        seed=args.seed,
-        decoder=args.decoder,
-        audio=args.audio,
-        subtitles=args.subtitles,
-    )
-
-
-def _clips(args: argparse.Namespace) -> int:
-    from jobs import clips
-
-    summary = clips.main(clips.ClipsJobConfig(corpus=args.corpus, out=args.out, clips=_clip_config(args)))
-    return 0 if summary.clips or not summary.videos else 1
-
-
-def _bench(args: argparse.Namespace) -> int:
-    if args.what == "scale":
-        from jobs import bench_scale
-
-        bench_scale.main(bench_scale.BenchScaleConfig(**({"objects": args.objects} if args.objects else {})))
-    elif args.what == "tag":
-        from flows.predict import PredictConfig
-        from jobs import bench_tag
-
-        kwargs = {"videos": args.videos} if args.videos else {}
-        predict = PredictConfig(use_gpu=True) if args.gpu else PredictConfig()
-        bench_tag.main(bench_tag.BenchTagConfig(corpus=args.corpus, predict=predict, **kwargs))
-    elif args.what == "train":
-        from jobs import bench_train
-
-        kwargs = {k: getattr(args, k) for k in ("clips", "workers") if getattr(args, k)}
-        bench_train.main(bench_train.BenchTrainConfig(use_gpu=args.gpu, **kwargs))
-    elif args.what == "timeline":
-        from jobs import bench_timeline
-
-        bench_timeline.main(bench_timeline.BenchTimelineConfig())
-    elif args.what == "models":
-        from jobs import bench_models
-
-        kwargs = {"batch_size": args.batch_size, "threads": args.threads}
-        if args.models:
-            kwargs["models"] = tuple(args.models.split(","))
-        bench_models.main(bench_models.BenchModelsConfig(**kwargs))
-    else:
-        from jobs import bench_decode
-
-        kwargs: dict[str, object] = {"videos": args.videos} if args.videos else {}
-        if args.heights:
-            kwargs["heights"] = tuple(int(h) for h in args.heights.split(","))
-        bench_decode.main(bench_decode.BenchDecodeConfig(corpus=args.corpus, **kwargs))
-    return 0
-
-
-def _train(args: argparse.Namespace) -> int:
-    from ray.train import TrainingFailedError
-
-    from jobs import train
-    from jobs.config import load_config
-
-    config = load_config(train.TrainConfig, args.config, args.overrides)
-    try:
-        result = train.main(config)
-    except TrainingFailedError as err:
-        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
-        print(
-            f"reelflow train: error: {first} (re-run the same command to resume from the last checkpoint)",
-            file=sys.stderr,
-        )
-        return 1
-    print(result.model_uri, flush=True)
-    return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from jobs import demo
-
-    demo.main(demo.DemoConfig(workdir=args.workdir, videos=args.videos, epochs=args.epochs, date=args.date))
-    return 0
-
-
-def _query(args: argparse.Namespace) -> int:
-    from jobs import query
-
-    read = query.ReadOptions(as_of=args.as_of, memory_limit=args.memory_limit, timeout_s=args.timeout)
-    config = query.QueryConfig(sql=args.sql, tables=args.tables, format=args.format, out=args.out, read=read)
-    query.main(config)
-    return 0
-
-
-def _report(args: argparse.Namespace) -> int:
-    from jobs import query, report
-
-    tables = args.tables or query.DEFAULT_TABLES
-    if args.report == "daily":
-        config = report.DailyReportConfig(tables=tables, date=args.date, plot=args.plot, top=args.top)
-        report.daily_report(config)
-    else:
-        report.trend_report(
-            report.TrendReportConfig(label=args.label, tables=tables, plot=args.plot, model=args.model)
-        )
-    return 0
 
 
 def actor_range(text: str) -> tuple[int, int]:
@@ -195,84 +25,6 @@ def actor_range(text: str) -> tuple[int, int]:
     if not 1 <= low <= high:
         raise argparse.ArgumentTypeError(f"--actors {text!r}: need 1 <= MIN <= MAX")
     return low, high
-
-
-def _tag(args: argparse.Namespace) -> int:
-    from flows.predict import PredictConfig
-    from jobs import tag
-
-    fewest, most = args.actors or (1, None)
-    gpus = {"auto": None, "true": True, "false": False}[args.gpus]
-    predict = PredictConfig(
-        batch_size=args.batch_size, concurrency=most, min_actors=fewest, use_gpu=gpus,
-        in_decode_tasks=False if args.actors else None,
-    )  # fmt: skip
-    lease = {"lease_ttl_s": args.lease_ttl} if args.lease_ttl is not None else {}
-    config = tag.TagConfig(
-        corpus=args.corpus,
-        models=tuple(args.model),
-        tables=args.tables,
-        date=args.date,
-        full=args.full,
-        tracking_uri=args.tracking_uri,
-        stride=args.stride,
-        predict=predict,
-        commit_every=args.commit_every,
-        lease_wait_s=args.lease_wait,
-        max_attempts=args.max_attempts,
-        retry_errors=args.retry_errors,
-        max_videos=args.max_videos,
-        commit_minutes=args.commit_minutes,
-        trust_pickle=args.trust_pickle,
-        **lease,
-    )
-    summary = tag.main(config)
-    return 1 if summary.failed and args.strict else 0
-
-
-def _tables(args: argparse.Namespace) -> int:
-    from jobs import catalog
-
-    config = catalog.CatalogConfig(
-        operation=args.operation,
-        tables=args.uri,
-        lease_wait_s=getattr(args, "lease_wait", None),
-        retain=getattr(args, "retain", "7d"),
-        target_size_mb=getattr(args, "target_size", None),
-        uri_pattern=getattr(args, "uri_pattern", None),
-        format=getattr(args, "format", "table"),
-    )
-    return catalog.main(config)
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from jobs import evaluate
-
-    config = evaluate.EvaluateConfig(
-        args.model, args.corpus, args.labels, args.tracking_uri, args.split, trust_pickle=args.trust_pickle
-    )
-    metrics = evaluate.main(config)
-    evaluate.print_metrics(metrics)
-    return 0
-
-
-def _models(args: argparse.Namespace) -> int:
-    from jobs import tracking
-    from jobs.registered import DEFAULT_MLFLOW_DIR
-
-    uri = tracking.tracking_uri(args.tracking_uri, DEFAULT_MLFLOW_DIR)
-    print(tracking.convert_model(args.model, tracking_uri=uri))
-    return 0
-
-
-def _import_labels(args: argparse.Namespace) -> int:
-    from jobs import import_labels
-
-    config = import_labels.ImportLabelsConfig(
-        format=args.format, src=args.src, corpus=args.corpus, split=args.split
-    )
-    import_labels.main(config)
-    return 0
 
 
 class _Subcommands(argparse._SubParsersAction):
@@ -304,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uris", nargs="+", metavar="URI", help="video files, folders or s3:// URIs")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds allowed per video")
     p.add_argument("--strict", action="store_true", help="exit 1 when any video is unreadable")
-    p.set_defaults(func=_probe)
+    p.set_defaults(func=commands.run_probe)
 
     p = sub.add_parser("make-corpus", help="write a synthetic labelled corpus of real H.264/AAC videos")
     p.add_argument("out", help="folder or s3:// prefix")
@@ -317,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subtitle-fraction", type=float, default=0.5, help="share of videos with a .srt sidecar")
     p.add_argument("--no-audio", action="store_true")
     p.add_argument("--workers", type=int, help="rendering processes (default: one per core)")
-    p.set_defaults(func=_make_corpus)
+    p.set_defaults(func=commands.run_make_corpus)
 
     p = sub.add_parser("clips", help="decode a corpus into clip rows (Parquet) and error rows")
     p.add_argument("corpus", help="folder or s3:// prefix holding videos")
@@ -333,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", choices=("auto", "decord", "pyav"), default="auto")
     p.add_argument("--audio", action="store_true", help="add each clip's mono audio")
     p.add_argument("--subtitles", action="store_true", help="add each clip's subtitle text")
-    p.set_defaults(func=_clips)
+    p.set_defaults(func=commands.run_clips)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios against a limit or a peer")
     p.add_argument("what", choices=("models", "decode", "train", "tag", "scale", "timeline"))
@@ -350,19 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="train: one GPU per worker, and for the plain loop; tag: inference actors on GPUs",
     )  # fmt: skip
     p.add_argument("--objects", type=int, help="scale: listed objects N of the smaller catalog (then 10×N)")
-    p.set_defaults(func=_bench)
+    p.set_defaults(func=commands.run_bench)
 
     p = sub.add_parser("train", help="train a model with Ray Train, tracked and registered in MLflow")
     p.add_argument("--config", required=True, help="YAML config, e.g. jobs/configs/demo.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any field, e.g. optim.epochs=4")
-    p.set_defaults(func=_train)
+    p.set_defaults(func=commands.run_train)
 
     p = sub.add_parser("demo", help="the main job on the embedded default, all state in one folder")
     p.add_argument("--workdir", default="reelflow-demo", help="folder holding every artefact of the demo")
     p.add_argument("--videos", type=int, default=160, help="labelled videos in the generated corpus")
     p.add_argument("--epochs", type=int, help="training epochs (default: jobs/configs/demo.yaml's)")
     p.add_argument("--date", help="the night to tag, YYYY-MM-DD (default: today, UTC)")
-    p.set_defaults(func=_demo)
+    p.set_defaults(func=commands.run_demo)
 
     p = sub.add_parser("query", help="SQL over the committed tables (DuckDB views named after the tables)")
     p.add_argument("sql", help="SQL over videos, classifications, actions, sentiment, highlights, errors")
@@ -372,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as-of", metavar="DATE|RUN_ID", help="the tables as an earlier run (or night) left them")
     p.add_argument("--memory-limit", metavar="SIZE", help="DuckDB's memory limit, e.g. 4GB")
     p.add_argument("--timeout", type=float, metavar="S", help="cancel the query after S seconds")
-    p.set_defaults(func=_query)
+    p.set_defaults(func=commands.run_query)
 
     p = sub.add_parser("report", help="the morning reports over the committed tables")
     reports = p.add_subparsers(dest="report", required=True)
@@ -382,13 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tables", help=tables_help)
     r.add_argument("--plot", metavar="FILE.png", help="also write the report as a PNG chart")
     r.add_argument("--top", type=int, default=3, help="videos listed per label")
-    r.set_defaults(func=_report)
+    r.set_defaults(func=commands.run_report)
     r = reports.add_parser("trend", help="one label's counts per night")
     r.add_argument("--label", required=True)
     r.add_argument("--tables", help=tables_help)
     r.add_argument("--plot", metavar="FILE.png", help="also write the trend as a PNG chart")
     r.add_argument("--model", help="only this model_name's predictions")
-    r.set_defaults(func=_report)
+    r.set_defaults(func=commands.run_report)
     p = sub.add_parser("tag", help="the nightly job: tag new videos with every model head into the tables")
     p.add_argument("--corpus", required=True, help="folder or s3:// prefix holding videos")
     model_help = "models:/NAME/VERSION or models:/NAME@ALIAS (repeatable)"
@@ -429,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--retry-errors", action="store_true", help="retry every error row, permanent ones too"
     )  # fmt: skip
-    p.set_defaults(func=_tag)
+    p.set_defaults(func=commands.run_tag)
 
     p = sub.add_parser("tables", help="operate the tables: history, check, repair, maintenance, purge")
     ops = p.add_subparsers(dest="operation", required=True)
@@ -456,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         if operation == "purge":
             r.add_argument("--uri", dest="uri_pattern", required=True, metavar="PATTERN",
                            help="the source's URI, or a glob (* and ?) over source URIs")  # fmt: skip
-        r.set_defaults(func=_tables)
+        r.set_defaults(func=commands.run_tables)
 
     p = sub.add_parser("evaluate", help="score a registered model on labelled videos; last line is JSON")
     p.add_argument("--model", required=True, help="models:/NAME/VERSION or models:/NAME@ALIAS")
@@ -466,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "val", "test", "all"],
                    help="split to score (default: test, else val, if the labels have splits)")  # fmt: skip
     p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
-    p.set_defaults(func=_evaluate)
+    p.set_defaults(func=commands.run_evaluate)
 
     p = sub.add_parser("models", help="operate the registered models")
     ops = p.add_subparsers(dest="operation", required=True)
@@ -475,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("model", metavar="MODEL_URI", help="models:/NAME/VERSION or models:/NAME@ALIAS")
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
-    r.set_defaults(func=_models)
+    r.set_defaults(func=commands.run_models)
 
     p = sub.add_parser("import-labels", help="write a corpus's labels.parquet from a dataset's annotations")
     formats = ("folders", "ucf101", "kinetics", "activitynet", "tvsum", "table")  # flows.annotations.FORMATS
@@ -486,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--corpus", required=True, help="folder or s3:// prefix holding the videos")
     p.add_argument("--split", type=int, choices=(1, 2, 3), help="ucf101: which split's lists (default 1)")
-    p.set_defaults(func=_import_labels)
+    p.set_defaults(func=commands.run_import_labels)
     return parser
 
 
