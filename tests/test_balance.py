@@ -229,6 +229,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.all_gather(gathered, balancer.theta.detach().clone())
         if rank == 0:
             torch.save(gathered, out)
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
